@@ -1,0 +1,335 @@
+"""
+Meta-train a general-purpose in-context learner (paper sections 2 and 4).
+
+    python train.py                                  # Transformer, the paper's one-GPU setting
+    python train.py --model lstm --state-size 1024   # an LSTM whose state (h and c) is 1024 floats
+    torchrun --nproc_per_node=8 train.py             # the same run, data parallel on 8 GPUs
+
+Every flag has a default and a help text (`python train.py --help`). A run writes into --out-dir:
+log.jsonl (training loss and evaluations, one JSON object per line), ckpt.pt (model, optimizer,
+RNG states, config and step, replaced atomically) and summary.json. `--resume` continues a run
+exactly where its last checkpoint left it: the meta-batch of step s is a pure function of
+(seed, s), so the losses are the ones an uninterrupted run would have had.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import gpicl
+import models
+
+# -----------------------------------------------------------------------------
+# Command line: flags whose values are checked where they are read, with one-line errors
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def typed(kind, test, what):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
+        if not test(v):
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
+        return v
+    return parse
+
+
+positive_int = typed(int, lambda v: v > 0, "a positive integer")
+nonneg_int = typed(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def num_tasks_type(s):
+    """'65536', '2**16', '2^16' -> 65536; 'fresh' -> None (a new task for every sequence)."""
+    if s.lower() in ("fresh", "inf", "infinite"):
+        return None
+    base, sep, exp = s.replace("^", "**").partition("**")
+    try:
+        n = int(base) ** int(exp) if sep else int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"{s!r} is not a number of tasks; give a positive integer like 65536 or 2**16, "
+            "or 'fresh' for a new task every sequence")
+    return n
+
+
+def get_parser():
+    p = Parser(description="Meta-train a general-purpose in-context learner (GPICL).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("tasks")
+    g.add_argument("--dataset", default="mnist", choices=data.DATASETS,
+                   help="base dataset that task augmentation turns into many tasks")
+    g.add_argument("--image-size", type=positive_int, default=14,
+                   help="images are resized to this square size; N_x = image_size^2")
+    g.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
+    g.add_argument("--num-tasks", type=num_tasks_type, default=2 ** 25,
+                   help="number of tasks: 65536, 2**16, or 'fresh' for a new task per sequence")
+    g.add_argument("--bias", type=fraction, default=0.0,
+                   help="fraction of every meta-batch that uses one fixed task (paper 4.3)")
+    g.add_argument("--lookup-steps", type=nonneg_int, default=0,
+                   help="curriculum: meta-train the first steps on pure in-context lookup tasks "
+                        "(the Random dataset) with short sequences; shortens the plateau (README)")
+    g.add_argument("--lookup-seq-len", type=positive_int, default=20,
+                   help="sequence length during the lookup steps")
+    g = p.add_argument_group("learner")
+    g.add_argument("--model", default="transformer", choices=list(models.MODELS),
+                   help="the learner")
+    g.add_argument("--width", type=positive_int, help="model width (default: the learner's own)")
+    g.add_argument("--n-layer", type=positive_int, help="layers (default: the learner's own)")
+    g.add_argument("--n-head", type=positive_int, help="attention heads (Transformer)")
+    g.add_argument("--state-size", type=positive_int,
+                   help="pick the width so that the learner's state is exactly this many floats")
+    g = p.add_argument_group("meta-training")
+    g.add_argument("--steps", type=positive_int, default=50_000, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=128,
+                   help="sequences per meta-batch, over all processes and accumulation steps")
+    g.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="split each meta-batch into this many sequential micro-batches")
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--adam-eps", type=positive_float, default=1e-8,
+                   help="Adam epsilon; smaller shortens loss plateaus (paper 4.3)")
+    g.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up steps")
+    g.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="learning rate after warm-up: constant, or cosine decay to 10%%")
+    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clip")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the meta-batches and init")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=positive_int, default=1000, help="steps between evaluations")
+    g.add_argument("--eval-tasks", type=positive_int, default=32, help="seen and unseen tasks evaluated")
+    g.add_argument("--eval-seqs", type=positive_int, default=128, help="sequences per evaluated task")
+    g.add_argument("--eval-datasets", default="uci_digits,random",
+                   help="comma-separated other datasets to meta-test on (unseen tasks)")
+    g.add_argument("--log-every", type=positive_int, default=50, help="steps between loss records")
+    g.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints (default: --eval-every)")
+    g.add_argument("--out-dir", default="runs/default", help="where the log, checkpoint and summary go")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    g.add_argument("--compile", action="store_true", help="torch.compile the learner")
+    g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temporary file, then renamed over the old one in one step
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "cosine":
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    return args.lr
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    args.ckpt_every = args.ckpt_every or args.eval_every
+    others = [d for d in args.eval_datasets.split(",") if d]
+    for d in others:
+        if d not in data.DATASETS or d == args.dataset:
+            parser.error(f"--eval-datasets: {d!r} is not one of {', '.join(data.DATASETS)} "
+                         f"other than {args.dataset}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    # --- processes and device: one process, or one per GPU under torchrun (nanoGPT style)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available() else
+                       "mps" if torch.backends.mps.is_available() else "cpu")
+    if ddp:
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    master = rank == 0
+    device_type = torch.device(args.device).type
+    micro = args.batch_size // (world * args.grad_accum)
+    if micro * world * args.grad_accum != args.batch_size:
+        parser.error(f"--batch-size {args.batch_size} does not split into {world} processes x "
+                     f"{args.grad_accum} accumulation steps; make it a multiple of {world * args.grad_accum}")
+    if device_type == "cuda":  # TF32 matmuls and bf16 autocast: the fast path on recent GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+
+    # --- data: the base dataset's train split for meta-training, test splits for meta-testing
+    try:
+        base = data.load_dataset(args.dataset, args.image_size, args.device)
+        other_sets = {d: data.load_dataset(d, args.image_size, args.device) for d in others}
+    except (OSError, RuntimeError, ValueError) as e:
+        parser.error(str(e))
+    x_train, y_train = base["train"]
+    lookup = None
+    if args.lookup_steps:
+        if args.lookup_seq_len > args.seq_len:
+            parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than --seq-len {args.seq_len}")
+        lookup = data.load_dataset("random", args.image_size, args.device)["train"]
+
+    # --- the learner
+    n_x = args.image_size ** 2
+    try:
+        cfg = models.model_config(args.model, n_x + data.NUM_CLASSES, args.seq_len, args.width,
+                                  args.n_layer, args.n_head, args.state_size)
+    except ValueError as e:
+        parser.error(f"--model {args.model}: {e}")
+    model_config = dict(kind=args.model, n_in=n_x + data.NUM_CLASSES, n_out=data.NUM_CLASSES, cfg=cfg)
+    torch.manual_seed(args.seed)
+    model = models.build(args.model, n_x + data.NUM_CLASSES, data.NUM_CLASSES, **cfg).to(args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr, eps=args.adam_eps) if params else None
+    if optimizer is None:  # sgd learns inside each sequence only: nothing to meta-train
+        args.steps = 0
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    step, elapsed = 0, 0.0
+    if os.path.exists(ckpt_path) and not args.resume:
+        parser.error(f"{args.out_dir} already holds a run; pass --resume to continue it, "
+                     "or choose another --out-dir")
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=False)
+        if ckpt["model_config"] != model_config:
+            parser.error(f"--resume: the checkpoint in {args.out_dir} holds a different learner "
+                         f"({ckpt['model_config']}); use the flags it was trained with")
+        model.load_state_dict(ckpt["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+    if master:  # the log keeps exactly the records up to the checkpoint being continued
+        kept = []
+        if args.resume and os.path.exists(log_path):
+            kept = [l for l in open(log_path) if json.loads(l)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+
+    if master:
+        print(f"learner {args.model} {cfg} | parameters {models.num_params(model):,} | "
+              f"state size {model.state_size(args.seq_len):,} floats")
+        if not args.steps:
+            print(f"{args.model} has no meta-parameters to train: evaluating it as it is")
+        print(f"device {args.device} | {world} process(es) x {args.grad_accum} accumulation steps x "
+              f"{micro} sequences = meta-batch {args.batch_size} | num_tasks "
+              f"{args.num_tasks or 'fresh'} | N_x {n_x} | steps {step} -> {args.steps}")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp and args.steps:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+
+    sets = gpicl.eval_sets((args.dataset, base), other_sets, args.num_tasks,
+                           args.eval_tasks, args.eval_seqs, args.device)
+
+    def log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, dict(
+            model=raw_model.state_dict(), step=step,
+            optimizer=optimizer.state_dict() if optimizer is not None else None,
+            elapsed=elapsed, config=vars(args), model_config=model_config,
+            rng=dict(torch=torch.get_rng_state())))
+
+    def run_eval():
+        results = gpicl.evaluate(raw_model, sets, args.seq_len, ctx=ctx)
+        log(dict(step=step, eval=results, regime=gpicl.regime(results, args.dataset)))
+        return results
+
+    # --- meta-training
+    results = None
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    running, last_logged = torch.zeros((), device=args.device), step
+    t0 = time.time() - elapsed
+    try:
+        while step < args.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            for m in range(args.grad_accum):
+                first = (m * world + rank) * micro  # this micro-batch's place in the meta-batch
+                seq_index = torch.arange(first, first + micro, device=args.device)
+                warm = step < args.lookup_steps  # the lookup curriculum, then the real tasks
+                x, y, _ = data.sample_sequences(*(lookup if warm else (x_train, y_train)), args.seed,
+                                                step, seq_index,
+                                                args.lookup_seq_len if warm else args.seq_len,
+                                                args.num_tasks, args.bias, args.batch_size)
+                sync = m == args.grad_accum - 1
+                with (model.no_sync() if ddp and not sync else nullcontext()), ctx:
+                    loss = gpicl.meta_loss(model, x, y) / args.grad_accum
+                loss.backward()
+                running += loss.detach()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == args.steps:  # the only host sync
+                if ddp:
+                    dist.all_reduce(running, op=dist.ReduceOp.AVG)
+                mean_loss = running.item() / (step - last_logged)
+                running.zero_()
+                last_logged = step
+                elapsed = time.time() - t0
+                if master:
+                    log(dict(step=step, loss=mean_loss, lr=lr_at(step - 1, args), time=elapsed))
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", **({} if results is None else
+                                    {"unseen@last": f"{results[f'unseen {args.dataset}']['last']:.3f}"}))
+            if master and (step % args.eval_every == 0 or step == args.steps):
+                results = run_eval()
+            if master and (step % args.ckpt_every == 0 or step == args.steps):
+                elapsed = time.time() - t0
+                checkpoint()
+    except KeyboardInterrupt:
+        if master:
+            elapsed = time.time() - t0
+            checkpoint()
+            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume")
+        sys.exit(130)
+    finally:
+        bar.close()
+
+    if master:
+        results = results or run_eval()
+        summary = dict(step=step, train_time_s=round(elapsed, 1), model=args.model, model_config=cfg,
+                       parameters=models.num_params(raw_model),
+                       state_size=raw_model.state_size(args.seq_len),
+                       regime=gpicl.regime(results, args.dataset),
+                       results={k: {m: v for m, v in r.items() if m != "curve"} for k, r in results.items()})
+        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(gpicl.format_results(results))
+        print(f"regime: {summary['regime']} | {step} steps in {elapsed / 60:.1f} min")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
