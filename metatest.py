@@ -1,0 +1,238 @@
+"""
+Meta-test trained learners: the paper's Table 1, UCI digits against classic baselines, and your
+own CSV files.
+
+    python metatest.py table1 runs/*/ckpt.pt              # Table 1 beside the paper's numbers
+    python metatest.py uci --ckpt checkpoints/mnist7_demo.pt   # 99 context rows, many splits
+    python metatest.py csv --ckpt C --train a.csv --test b.csv --label target
+
+A command-line companion to gpicl.py (it holds the learner-as-classifier and the baselines);
+kept apart so gpicl.py stays the meta-learning logic, readable in one sitting.
+"""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+import data
+import gpicl
+from train import Parser, positive_int
+
+# -----------------------------------------------------------------------------
+# UCI digits: the learner on a table of numbers vs the way it was trained, and the baselines
+
+def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, members=16, seed=0,
+                          device="cpu"):
+    """{method: (mean accuracy, 95% CI over splits)}. Each split draws n_context context rows
+    and n_queries other rows as queries. "image path" feeds the digits as meta-testing does (a
+    resized image under an unseen task's projection and relabelling, one task or an ensemble);
+    "table path" is gpicl.InContextClassifier on the 64 raw pixel values, as from a CSV. Ensemble
+    members differ in projection, relabelling and context order; the order matters most, as the
+    learner leans on the latest context rows."""
+    raw = data.load_raw("uci_digits")["test"]
+    images, y = raw[0], torch.as_tensor(raw[1], dtype=torch.long)
+    X = images.reshape(len(y), -1) * 16                              # (1797, 64) values 0..16
+    model, ckpt = gpicl.load_learner(checkpoint, device)
+    tasks = data.unseen_task_ids(splits * members).view(splits, members)
+    acc = {}
+    add = lambda name, pred: acc.setdefault(name, []).append((pred.cpu() == y[q]).float().mean().item())
+    for s in range(splits):
+        order = data.random_bits(data.hash_key(seed, s, 4), len(y)).argsort()
+        c, q = order[:n_context], order[n_context:n_context + n_queries]
+        stats = data.to_inputs(images[c], ckpt["config"]["image_size"])[1]   # context's stats
+        x_img = data.to_inputs(images, ckpt["config"]["image_size"], stats)[0].to(device)  # (N, N_x)
+        proba = 0
+        for j, task in enumerate(tasks[s]):  # each member: its own task and context order
+            x_t, y_t = data.apply_tasks(x_img[None], y[None].to(device), task[None].to(device))
+            cj = c[data.random_bits(data.hash_key(seed, s, j, 5), n_context).argsort()]
+            logits = gpicl.last_position_logits(model, x_t[0, cj], y_t[0, cj], x_t[0, q])  # (Q, 10)
+            proba = proba + logits.softmax(-1)[:, data.task_permutation(task[None])[0]]
+            if j == 0:
+                add("GPICL image path, 1 task", proba.argmax(1))
+        add(f"GPICL image path, {members} tasks", proba.argmax(1))
+        for norm, m in (("column", 1), ("column", members), ("global", members)):
+            clf = gpicl.InContextClassifier(checkpoint, device, seed * 100003 + s, m, norm)
+            clf.fit(X[c], y[c])
+            add(f"GPICL table path, {norm} z-norm, {m} member{'s' * (m > 1)}",
+                torch.as_tensor(clf.predict(X[q])))
+            if m > 1:
+                x_q = clf.standardize(X[q])
+                for k in (1, 3):
+                    add(f"kNN k={k}, {norm} z-norm", gpicl.knn_predict(clf.x_ctx, clf.y_ctx, x_q, k))
+                add(f"logistic regression, {norm} z-norm",
+                    gpicl.logreg_predict(clf.x_ctx, clf.y_ctx, x_q))
+    ci = lambda a: 1.96 * np.std(a, ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
+    return {name: (float(np.mean(a)), ci(a)) for name, a in acc.items()}
+
+
+# -----------------------------------------------------------------------------
+# The paper's Table 1: accuracy at the last example on unseen tasks of each dataset
+
+TABLE1 = {"MNIST": "mnist", "FashionMNIST": "fashion_mnist", "KMNIST": "kmnist",
+          "Random": "random", "CIFAR10": "cifar10", "SVHN": "svhn", "UCI digits": "uci_digits"}
+PAPER_TABLE1 = {  # accuracy % at the 100th example, meta-trained on MNIST (paper, Table 1)
+    "SGD (paper)": [70.31, 50.78, 37.89, 100, 14.84, 10.16],
+    "LSTM (paper)": [25.39, 28.12, 18.10, 58.72, 12.11, 11.07],
+    "GPICL Transformer (paper)": [73.70, 62.24, 53.39, 100, 19.40, 14.58]}
+
+
+def table1(checkpoints, n_tasks=32, seqs_per_task=32, out_dir=".", device="cpu"):
+    """Evaluate each checkpoint on every Table 1 dataset at its last position (its seq_len)
+    and write table1.md and table1.json to out_dir; returns the Markdown. A dataset that is
+    not on this machine is reported missing, with the command that fetches it."""
+    rows, loaded = [], {}
+    unseen = data.unseen_task_ids(n_tasks, device).repeat_interleave(seqs_per_task)
+    for path in checkpoints:
+        model, ckpt = gpicl.load_learner(path, device)
+        cfg, cells = ckpt["config"], {}
+        for column, name in TABLE1.items():
+            key = (name, cfg["image_size"])
+            if key not in loaded:  # never try the network here: offline, it may hang
+                try:
+                    loaded[key] = (data.load_dataset(name, cfg["image_size"], device)
+                                   if data.available(name) else None)
+                except (OSError, ValueError):  # e.g. a damaged cache file
+                    loaded[key] = None
+            if loaded[key] is None:
+                cells[column] = {"missing": f"fetch with `python data.py fetch {name}`"}
+                continue
+            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, cfg["seq_len"])[name]
+            cells[column] = {"acc": round(100 * r["last"], 2), "ci": round(100 * r["last_ci"], 2),
+                             "n": r["n"]}
+        rows.append({"checkpoint": path, "learner": ckpt["model_config"]["kind"],
+                     "meta_trained_on": cfg["dataset"], "image_size": cfg["image_size"],
+                     "seq_len": cfg["seq_len"], "step": ckpt["step"], "accuracy_pct": cells})
+    cell = lambda c: (f"missing — {c['missing']}" if "missing" in c else f"{c['acc']:.2f} ± {c['ci']:.2f}")
+    md = ["| learner | " + " | ".join(TABLE1) + " |", "|---" * (len(TABLE1) + 1) + "|"]
+    md += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " | – |"
+           for name, vals in PAPER_TABLE1.items()]
+    md += [f"| {r['checkpoint']} ({r['learner']}, {r['meta_trained_on']} {r['image_size']}x"
+           f"{r['image_size']}, @{r['seq_len']}) | " + " | ".join(cell(c) for c in r["accuracy_pct"].values())
+           + " |" for r in rows]
+    md = "\n".join(md) + (f"\n\nAccuracy (%) at the last example on {n_tasks} unseen tasks x "
+                          f"{seqs_per_task} sequences, ± 95% CI; paper rows: Kirsch et al. 2022, Table 1.\n")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table1.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out_dir, "table1.json"), "w") as f:
+        json.dump({"paper_pct": {k: dict(zip(TABLE1, v)) for k, v in PAPER_TABLE1.items()},
+                   "tasks": n_tasks, "seqs_per_task": seqs_per_task, "checkpoints": rows}, f, indent=1)
+    return md
+
+
+# -----------------------------------------------------------------------------
+# Command line: csv, uci and table1, with one-line errors (exit 2)
+
+def read_table(path, label, columns=None):
+    """(feature names, X (N, d) float64, labels (N,) str or None) from a CSV with a header row.
+    columns: the feature names to take, in that order (the test file follows the train file)."""
+    try:
+        with open(path, newline="") as f:
+            header, *body = [r for r in csv.reader(f) if r]
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError:
+        raise ValueError(f"{path} is empty") from None
+    if columns is None and label not in header:
+        raise ValueError(f"{path} has no column {label!r} (columns: {', '.join(header)})")
+    columns = columns or [h for h in header if h != label]
+    for name in columns:
+        if name not in header:
+            raise ValueError(f"{path} has no column {name!r}, which the training file has")
+    where = [header.index(n) for n in columns]
+    X = np.empty((len(body), len(columns)))
+    for i, row in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(f"{path} line {i + 2} has {len(row)} fields, the header {len(header)}")
+        for j, col in enumerate(where):
+            try:
+                X[i, j] = float(row[col])
+            except ValueError:
+                raise ValueError(f"{path} line {i + 2}, column {header[col]!r}: {row[col]!r} "
+                                 "is not a number") from None
+    labels = np.array([r[header.index(label)] for r in body]) if label in header else None
+    return columns, X, labels
+
+
+def run_csv(args):
+    names, X, y = read_table(args.train, args.label)
+    _, X_test, y_test = read_table(args.test, args.label, names)
+    clf = gpicl.InContextClassifier(args.ckpt, args.device, args.seed, args.members, args.normalize)
+    clf.fit(X, y)
+    proba = clf.predict_proba(X_test)
+    pred = clf.classes_[proba.argmax(1)]
+    x_q = clf.standardize(gpicl.check_matrix(X_test, width=X.shape[1]))
+    others = {f"knn_k{args.k}": gpicl.knn_predict(clf.x_ctx, clf.y_ctx, x_q, args.k),
+              "logreg": gpicl.logreg_predict(clf.x_ctx, clf.y_ctx, x_q)}
+    others = {k: clf.classes_[v.cpu().numpy()] for k, v in others.items()}
+    if y_test is not None:
+        print(f"accuracy on {len(pred)} rows of {args.test}: GPICL {np.mean(pred == y_test):.3f} | "
+              f"kNN (k={args.k}) {np.mean(others[f'knn_k{args.k}'] == y_test):.3f} | "
+              f"logistic regression {np.mean(others['logreg'] == y_test):.3f}")
+    with open(args.out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prediction", *others, *(f"p_{c}" for c in clf.classes_)])
+        for i in range(len(pred)):
+            w.writerow([pred[i], *(v[i] for v in others.values()), *(f"{p:.4f}" for p in proba[i])])
+    print(f"predictions -> {args.out}")
+
+
+def main(argv=None):
+    p = Parser(prog="metatest.py", description="Meta-test trained in-context learners.")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("csv", help="classify the rows of a CSV from a labelled CSV")
+    c.add_argument("--ckpt", required=True)
+    c.add_argument("--train", required=True, help="labelled context rows (CSV with a header)")
+    c.add_argument("--test", required=True, help="rows to predict (labels optional)")
+    c.add_argument("--label", required=True, help="name of the label column")
+    c.add_argument("--out", default="preds.csv")
+    c.add_argument("--k", type=positive_int, default=1, help="neighbours of the kNN baseline")
+    c.add_argument("--members", type=positive_int, default=32, help="ensemble members")
+    c.add_argument("--normalize", choices=["column", "global"], default="column")
+    c.add_argument("--seed", type=int, default=0)
+    u = sub.add_parser("uci", help="UCI digits: the learner vs kNN and logistic regression")
+    u.add_argument("--ckpt", required=True)
+    u.add_argument("--splits", type=positive_int, default=50)
+    u.add_argument("--context", type=positive_int, default=99)
+    u.add_argument("--queries", type=positive_int, default=100)
+    u.add_argument("--members", type=positive_int, default=16)
+    t = sub.add_parser("table1", help="the paper's Table 1 for one or more checkpoints")
+    t.add_argument("ckpts", nargs="+")
+    t.add_argument("--tasks", type=positive_int, default=32, help="unseen tasks per dataset")
+    t.add_argument("--seqs", type=positive_int, default=32, help="sequences per task")
+    t.add_argument("--out-dir", default=".")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for path in getattr(args, "ckpts", None) or [args.ckpt]:
+        if not os.path.isfile(path):
+            p.error(f"checkpoint {path} does not exist")
+        try:
+            gpicl.load_learner(path)
+        except Exception as e:  # any failure here means: not a checkpoint of train.py
+            p.error(f"{path} is not a train.py checkpoint ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0][:100]})")
+    try:
+        if args.command == "csv":
+            run_csv(args)
+        elif args.command == "uci":
+            if args.context < 2 or args.context + args.queries > 1797:
+                p.error("--context must be >= 2 and --context + --queries <= 1797 (UCI digits' rows)")
+            res = compare_on_uci_digits(args.ckpt, args.splits, args.context, args.queries,
+                                        args.members, device=args.device)
+            print(f"UCI digits, {args.context} context rows, {args.queries} queries, {args.splits} splits")
+            for name, (m, ci) in res.items():
+                print(f"{name:<44} {m:.3f} ± {ci:.3f}")
+        else:
+            print(table1(args.ckpts, args.tasks, args.seqs, args.out_dir, args.device))
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()
