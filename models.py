@@ -96,7 +96,6 @@ class Transformer(Learner):
         self.cfg = dict(width=width, n_layer=n_layer)
         if width % n_head:
             raise ValueError(f"width {width} is not a multiple of n_head {n_head}")
-        self.width, self.n_layer = width, n_layer
         self.embed = nn.Linear(n_in, width)
         self.pos = nn.Parameter(torch.zeros(seq_len, width))        # learned positions
         self.blocks = nn.ModuleList(Block(width, n_head) for _ in range(n_layer))
@@ -135,7 +134,6 @@ class Transformer(Learner):
         return width % n_head == 0
 
 
-
 # -----------------------------------------------------------------------------
 # The LSTM: an input MLP, then an LSTM (as in the official code), then a linear read-out
 
@@ -145,7 +143,6 @@ class LSTM(Learner):
     def __init__(self, n_in, n_out, seq_len, width=256, n_layer=1, n_head=None):
         super().__init__()
         self.cfg = dict(width=width, n_layer=n_layer)
-        self.width, self.n_layer = width, n_layer
         self.encoder = nn.Sequential(nn.Linear(n_in, width), nn.ReLU(),
                                      nn.Linear(width, width), nn.ReLU())
         self.lstm = nn.LSTM(width, width, num_layers=n_layer, batch_first=True)
@@ -158,7 +155,6 @@ class LSTM(Learner):
     @staticmethod
     def state_size_of(width, n_layer, **_):
         return 2 * n_layer * width                                   # h and c of every layer
-
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +214,6 @@ class OuterLSTM(Learner):
         return n_head * width * width + n_head * width               # C and h
 
 
-
 # -----------------------------------------------------------------------------
 # The fast-weight memory: an LSTM that writes key-value pairs into a matrix by the delta rule
 #
@@ -264,7 +259,6 @@ class FastWeightMemory(Learner):
         return 2 * 4 * width + width ** 3                            # LSTM h, c and the memory
 
 
-
 # -----------------------------------------------------------------------------
 # The MLP: one example at a time, no context, so it cannot learn in context (a control)
 
@@ -284,7 +278,6 @@ class MLP(Learner):
     @staticmethod
     def state_size_of(**_):
         return 0
-
 
 
 # -----------------------------------------------------------------------------
@@ -331,7 +324,6 @@ class VSML(Learner):
     def state_size_of(width, n_in, n_out=10, msg=8, **_):
         n_x = n_in - n_out
         return 2 * width * n_x * n_out + msg * (n_out + n_x)
-
 
 
 # -----------------------------------------------------------------------------

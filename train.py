@@ -261,7 +261,8 @@ def main(argv=None):
 
     def run_eval():
         results = gpicl.evaluate(raw_model, sets, args.seq_len, ctx=ctx)
-        log(dict(step=step, eval=results, regime=gpicl.regime(results, args.dataset)))
+        log(dict(step=step, time=time.time() - t0, eval=results,
+                 regime=gpicl.regime(results, args.dataset)))
         return results
 
     # --- meta-training
