@@ -319,6 +319,8 @@ def main(argv=None):
 
     if master:
         results = results or run_eval()
+        if not os.path.exists(ckpt_path):  # a learner with nothing to train (sgd) still gets one
+            checkpoint()
         summary = dict(step=step, train_time_s=round(elapsed, 1), model=args.model, model_config=cfg,
                        parameters=models.num_params(raw_model),
                        state_size=raw_model.state_size(args.seq_len),

@@ -1,0 +1,786 @@
+"""
+Tests for gpicl, on CPU and small: `python -m pytest -q test_gpicl.py`.
+
+Each test checks one claim the code or the README makes, and each can fail: the numbers they
+compare come from running the code, never from the code under test's own constants.
+"""
+import csv
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import math
+import os
+import pickle
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import gpicl
+import models
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+# -----------------------------------------------------------------------------
+# Task augmentation (data.py)
+
+def test_int64_multiplication_wraps():
+    # the counter-based generator relies on it; a backend that saturated would break tasks
+    assert (torch.tensor([2 ** 62 + 3]) * 4).item() == 12
+    assert (torch.tensor([-1]) * data.GOLDEN).item() == -data.GOLDEN
+
+
+def test_projection_entries_have_variance_one_over_n_x():
+    for n_x in (49, 196):
+        A = data.task_projection(torch.arange(64), n_x)                  # (64, N_x, N_x)
+        assert A.shape == (64, n_x, n_x)
+        var = A.var().item()
+        # 64 * N_x^2 samples: the estimate is within 2% of the truth; std 1/N_x would give 1/N_x^2
+        assert abs(var * n_x - 1) < 0.02, var
+        assert abs(A.mean().item()) < 4 / math.sqrt(n_x) / math.sqrt(A.numel())   # 4 standard errors
+        z = A.flatten() * math.sqrt(n_x)                                 # standard normal?
+        assert abs((z ** 4).mean().item() - 3) < 0.1                     # Gaussian kurtosis
+        assert abs((z.abs() < 1).float().mean().item() - 0.6827) < 0.005
+
+
+def test_projection_is_dense_and_keeps_norms():
+    n_x = 196
+    A = data.task_projection(torch.tensor([7]), n_x)[0]
+    assert (A != 0).all() and A.abs().std() > 0                         # dense, not a diagonal scaling
+    x = torch.randn(1000, n_x)
+    ratio = (x @ A.T).norm(dim=1) / x.norm(dim=1)
+    assert abs(ratio.mean().item() - 1) < 0.1                           # |Ax| ~ |x|
+
+
+def test_same_id_same_task_different_ids_differ():
+    ids = torch.tensor([0, 1, 2, -1, -2, 2 ** 40, 123456789])
+    A1, A2 = data.task_projection(ids, 49), data.task_projection(ids.clone(), 49)
+    P1, P2 = data.task_permutation(ids), data.task_permutation(ids.clone())
+    assert torch.equal(A1, A2) and torch.equal(P1, P2)
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            assert not torch.allclose(A1[i], A1[j])
+    assert len({tuple(p.tolist()) for p in P1}) == len(ids)
+
+
+def test_tasks_do_not_depend_on_batch_layout():
+    ids = torch.tensor([5, -3, 17, 2 ** 33, 0, 99, 5])
+    full = data.task_projection(ids, 196)
+    parts = torch.cat([data.task_projection(ids[i:i + 3], 196) for i in range(0, len(ids), 3)])
+    rev = data.task_projection(ids.flip(0), 196).flip(0)
+    assert torch.equal(full, parts) and torch.equal(full, rev)
+    assert torch.equal(full[0], full[-1])                                # the same id twice
+    assert torch.equal(data.task_permutation(ids), data.task_permutation(ids.flip(0)).flip(0))
+
+
+def test_labels_are_permuted_per_task_as_classes():
+    ids = torch.arange(2000)
+    P = data.task_permutation(ids)                                       # (2000, 10)
+    assert torch.equal(P.sort(1).values, torch.arange(10).expand(2000, 10))  # permutations
+    # every class goes to every label about equally often: no fixed or shared permutation
+    counts = torch.zeros(10, 10)
+    counts.index_put_((torch.arange(10).repeat(2000), P.flatten()), torch.ones(20000), accumulate=True)
+    assert (counts - 200).abs().max() < 60                               # ~4.3 sigma of Binomial(2000, .1)
+    # relabelling is by class: examples of one class get one label, which is rho(class)
+    y = torch.tensor([[3, 3, 1, 3, 1, 0]] * 2)
+    x = torch.zeros(2, 6, 4)
+    _, y_task = data.apply_tasks(x, y, torch.tensor([11, 12]))
+    for b, task in enumerate((11, 12)):
+        rho = data.task_permutation(torch.tensor([task]))[0]
+        assert torch.equal(y_task[b], rho[y[b]])
+
+
+def test_training_never_draws_unseen_ids_and_respects_num_tasks():
+    x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
+    unseen = set(data.unseen_task_ids(64).tolist())
+    for num_tasks in (1, 16, 1000, None):
+        drawn = torch.cat([data.sample_sequences(x_all, y_all, 0, step, torch.arange(64), 5,
+                                                 num_tasks)[2] for step in range(50)])
+        assert drawn.min() >= 0 and not (set(drawn.tolist()) & unseen)
+        if num_tasks:
+            assert drawn.max() < num_tasks
+            if num_tasks <= 16:
+                assert len(set(drawn.tolist())) == num_tasks            # uniform: all get drawn
+    assert max(unseen) < 0
+
+
+def test_bias_puts_a_fraction_of_every_batch_on_one_task():
+    x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
+    for step in range(5):
+        ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, None, bias=0.25)[2]
+        assert (ids[:10] == 0).all() and (ids[10:] != 0).all()
+
+
+def test_sequences_do_not_depend_on_how_the_batch_is_split():
+    d = {"x": torch.randn(100, 9), "y": torch.randint(0, 10, (100,))}
+    whole = data.sample_sequences(d["x"], d["y"], 3, 7, torch.arange(8), 12, 2 ** 10)
+    halves = [data.sample_sequences(d["x"], d["y"], 3, 7, torch.arange(4) + k, 12, 2 ** 10)
+              for k in (0, 4)]
+    for i in range(3):
+        assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
+    other_step = data.sample_sequences(d["x"], d["y"], 3, 8, torch.arange(8), 12, 2 ** 10)
+    assert not torch.equal(whole[1], other_step[1])
+
+
+def test_preprocessing_z_normalises_with_training_statistics():
+    d = data.load_dataset("mnist", 14)
+    x_train, y_train = d["train"]
+    assert x_train.shape == (60000, 196) and d["test"][0].shape == (10000, 196)
+    assert abs(x_train.mean().item()) < 1e-4 and abs(x_train.std().item() - 1) < 1e-4
+    assert abs(d["test"][0].mean().item()) < 0.05                      # test uses train stats
+    assert torch.equal(torch.bincount(y_train), torch.tensor(
+        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]))
+    uci = data.load_dataset("uci_digits", 7)["test"]
+    assert uci[0].shape == (1797, 49)
+    rnd = data.load_dataset("random", 7)["test"]
+    assert rnd[0].shape == (10, 49) and torch.equal(rnd[1], torch.arange(10))
+
+
+# -----------------------------------------------------------------------------
+# Tokens and learners (gpicl.py, models.py)
+
+def test_tokens_carry_the_previous_label_and_zeros_first():
+    x = torch.randn(2, 5, 3)
+    y = torch.tensor([[4, 1, 9, 0, 2], [0, 0, 3, 3, 7]])
+    tok = gpicl.make_tokens(x, y)
+    assert tok.shape == (2, 5, 13)
+    assert torch.equal(tok[..., :3], x)
+    assert (tok[:, 0, 3:] == 0).all()
+    for t in range(1, 5):
+        assert torch.equal(tok[:, t, 3:].argmax(-1), y[:, t - 1])
+        assert torch.equal(tok[:, t, 3:].sum(-1), torch.ones(2))
+
+
+def small(kind, seq_len=12, n_x=6):
+    cfg = models.model_config(kind, n_x + 10, seq_len, width=16, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    return models.build(kind, n_x + 10, 10, **cfg).eval()
+
+
+@pytest.mark.parametrize("kind", list(models.MODELS))
+def test_no_position_sees_its_own_label_or_the_future(kind):
+    T, n_x = 12, 6
+    model = small(kind, T, n_x)
+    x, y = torch.randn(3, T, n_x), torch.randint(0, 10, (3, T))
+    with torch.no_grad():
+        base = model(gpicl.make_tokens(x, y))
+        for t in range(T):
+            x2, y2 = x.clone(), y.clone()
+            y2[:, t] = (y2[:, t] + 1) % 10                              # its own label
+            x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])             # everything after t
+            y2[:, t + 1:] = torch.randint(0, 10, y2[:, t + 1:].shape)
+            out = model(gpicl.make_tokens(x2, y2))
+            assert torch.allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5), (kind, t)
+            if t + 1 < T:                                               # and the future does matter
+                assert not torch.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(models.MODELS))
+def test_state_size_is_the_state_the_model_carries(kind):
+    T = 12
+    model = small(kind, T)
+    count = lambda b: sum(s.numel() for s in model.carried_state(torch.randn(b, T, 16)))
+    assert count(3) - count(2) == model.state_size(T)                   # floats per sequence
+    assert count(2) == 2 * model.state_size(T)                          # and nothing shared
+
+
+def test_state_size_flag_picks_the_width_or_names_the_nearest():
+    assert models.model_config("lstm", 206, 100, state_size=1024)["width"] == 512
+    cfg = models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
+    assert cfg["width"] == 256
+    with pytest.raises(ValueError, match="nearest reachable state sizes are 6400 or 12800"):
+        models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=10000)
+    with pytest.raises(ValueError, match="1022 or 1024"):
+        models.model_config("lstm", 206, 100, state_size=1023)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and regimes
+
+def test_summary_statistics():
+    correct = torch.zeros(400, 5, dtype=torch.bool)
+    correct[:100, 0] = True                                             # 25% at the start
+    correct[:300, -1] = True                                            # 75% at the end
+    s = gpicl.summarize(correct)
+    assert s["first"] == 0.25 and s["last"] == 0.75
+    assert abs(s["improvement"] - 0.5) < 1e-6
+    assert abs(s["last_ci"] - 1.96 * math.sqrt(0.75 * 0.25 / 400)) < 1e-9
+    assert 0 < s["improvement_ci"] < 0.1
+
+
+def test_regimes_follow_seen_and_unseen_improvement():
+    r = lambda imp: {"improvement": imp, "improvement_ci": 0.02}
+    assert gpicl.regime({"seen mnist": r(0.0), "unseen mnist": r(0.0)}) == "instance memorisation"
+    assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.01)}) == "task memorisation"
+    assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.5)}) == "learning-to-learn"
+
+
+# -----------------------------------------------------------------------------
+# The command line (train.py)
+
+TINY = ["--image-size", "7", "--seq-len", "10", "--batch-size", "8", "--model", "transformer",
+        "--width", "16", "--n-layer", "1", "--n-head", "2", "--eval-tasks", "2", "--eval-seqs", "4",
+        "--eval-datasets", "", "--threads", "1"]
+
+
+def run_train(args, timeout=300, **kw):
+    return subprocess.run([PY, os.path.join(HERE, "train.py"), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--num-tasks", "0"], ["--num-tasks", "lots"], ["--num-tasks", "2**-3"], ["--bias", "1.5"],
+    ["--lr", "-1"], ["--lr", "nan"], ["--steps", "0"], ["--model", "gru"],
+    ["--model", "transformer", "--state-size", "1001"], ["--batch-size", "7", "--grad-accum", "2"],
+    ["--eval-datasets", "imagenet"], ["--image-size", "x"],
+])
+def test_bad_flags_give_one_line_and_exit_2(flags, tmp_path):
+    p = run_train([*TINY, "--steps", "1", "--out-dir", str(tmp_path / "r"), *flags])  # a flag wrongly accepted trains 1 step
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    out = str(tmp_path / "r")
+    assert run_train([*TINY, "--steps", "2", "--out-dir", out]).returncode == 0
+    before = open(os.path.join(out, "log.jsonl")).read()
+    p = run_train([*TINY, "--steps", "2", "--out-dir", out])
+    assert p.returncode == 2 and "--resume" in p.stderr
+    assert open(os.path.join(out, "log.jsonl")).read() == before
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "log.jsonl")))
+            if "loss" in r]
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path):
+    args = [*TINY, "--steps", "60", "--log-every", "1", "--ckpt-every", "5", "--eval-every", "1000"]
+    whole = str(tmp_path / "whole")
+    assert run_train([*args, "--out-dir", whole]).returncode == 0
+    # the same run, killed (SIGKILL: no chance to save) after its first checkpoints
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *args, "--out-dir", cut],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(cut, "ckpt.pt")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(ckpt) and
+                                          torch.load(ckpt, weights_only=False)["step"] >= 10):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped = torch.load(ckpt, weights_only=False)["step"]
+    assert 10 <= stopped < 60
+    p = run_train([*args, "--out-dir", cut, "--resume"])
+    assert p.returncode == 0, p.stderr
+    assert losses(cut) == losses(whole)                                 # bit for bit, no duplicates
+    assert [s for s, _ in losses(cut)] == list(range(1, 61))
+
+
+def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
+    p = run_train(["--model", "lstm", "--state-size", "1024", "--steps", "1", "--batch-size", "2",
+                   "--seq-len", "10", "--eval-tasks", "1", "--eval-seqs", "2",
+                   "--out-dir", str(tmp_path / "r")])
+    assert p.returncode == 0, p.stderr
+    assert "state size 1,024 floats" in p.stdout and "parameters 2,475,018" in p.stdout
+    summary = json.load(open(tmp_path / "r" / "summary.json"))
+    assert summary["state_size"] == 1024 and summary["model_config"]["width"] == 512
+
+
+def test_meta_training_learns_in_context_on_unseen_tasks(tmp_path):
+    # The Random dataset is pure in-context lookup: 10 noise images, one per label, and a task
+    # projects them and permutes the labels. Fresh tasks every sequence, so nothing can be
+    # memorised: accuracy on unseen tasks can only rise along the sequence by learning in context.
+    # Seeds 0, 1 and 2 all pass the loss plateau by step ~1,500 and reach 0.45-0.47 at step 2,000.
+    out = tmp_path / "r"
+    p = run_train(["--dataset", "random", "--image-size", "4", "--seq-len", "10", "--num-tasks", "fresh",
+                   "--model", "transformer", "--width", "32", "--n-layer", "2", "--n-head", "2",
+                   "--batch-size", "64", "--lr", "3e-3", "--steps", "2000", "--eval-every", "2000",
+                   "--eval-tasks", "16", "--eval-seqs", "32", "--eval-datasets", "", "--log-every", "500",
+                   "--threads", "1", "--out-dir", str(out)], timeout=900)
+    assert p.returncode == 0, p.stderr
+    r = [json.loads(l) for l in open(out / "log.jsonl") if "eval" in l][-1]["eval"]["unseen random"]
+    # a lookup learner is right when the query appeared before: at position t with probability
+    # 1 - 0.9^t, so the curve must rise from chance (0.1) towards 0.65 at the 10th example
+    assert r["first"] < 0.2
+    assert r["last"] - r["last_ci"] > 0.25, r                         # chance is 0.1
+    assert r["improvement"] - r["improvement_ci"] > 0.15, r
+    assert sum(r["curve"][5:]) / 5 > sum(r["curve"][:5]) / 5 + 0.1      # rising along the sequence
+
+
+# -----------------------------------------------------------------------------
+# Datasets fetched on first use, against a local HTTP server (data.py)
+
+def idx_gz(array):
+    dims = array.shape
+    header = struct.pack(">I", 0x0800 | len(dims)) + struct.pack(f">{len(dims)}I", *dims)
+    return gzip.compress(header + array.astype(np.uint8).tobytes())
+
+
+def cifar_tar(x_train, y_train, x_test, y_test):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        def add(name, payload):
+            raw = pickle.dumps(payload)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+        rows = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)   # channels first, as CIFAR
+        for i, part in enumerate(np.array_split(np.arange(len(x_train)), 5)):
+            add(f"data_batch_{i + 1}", {b"data": rows(x_train[part]), b"labels": y_train[part].tolist()})
+        add("test_batch", {b"data": rows(x_test), b"labels": y_test.tolist()})
+        add("batches.meta", {b"label_names": [b"x"] * 10})
+    return buf.getvalue()
+
+
+def mat_v5(arrays):
+    """A MATLAB v5 file with zlib-compressed matrices, as MATLAB writes SVHN's."""
+    classes = {np.uint8: (9, 2), np.float64: (6, 9)}                  # (mx class, mi type)
+    def el(kind, data):
+        return struct.pack("<II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
+    out = b"MATLAB 5.0 MAT-file, written by test_gpicl".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    for name, a in arrays.items():
+        mx, mi = classes[a.dtype.type]
+        body = (el(6, struct.pack("<II", mx, 0)) + el(5, struct.pack(f"<{a.ndim}i", *a.shape)) +
+                el(1, name.encode()) + el(mi, a.tobytes(order="F")))
+        packed = zlib.compress(el(14, body))
+        out += struct.pack("<II", 15, len(packed)) + packed               # not padded at top level
+    return out
+
+
+def fake_dataset(name, rng):
+    """Small files in the real format of each download, and the arrays they hold."""
+    shape = (28, 28) if name in ("fashion_mnist", "kmnist") else (32, 32, 3)
+    x_tr, x_te = (rng.integers(0, 256, (n, *shape), dtype=np.uint8) for n in (50, 20))
+    y_tr, y_te = (rng.integers(0, 10, n).astype(np.uint8) for n in (50, 20))
+    if name in ("fashion_mnist", "kmnist"):
+        names = list(data.DOWNLOADS[name][1])
+        files = dict(zip(names, (idx_gz(x_tr), idx_gz(y_tr), idx_gz(x_te), idx_gz(y_te))))
+    elif name == "cifar10":
+        files = {"cifar-10-python.tar.gz": cifar_tar(x_tr, y_tr, x_te, y_te)}
+    else:  # svhn: X (32, 32, 3, N) uint8, y (N, 1) double with 10 for the digit 0
+        mat = lambda x, y: mat_v5({"X": x.transpose(1, 2, 3, 0).copy(),
+                                   "y": np.where(y == 0, 10, y).astype(np.float64)[:, None]})
+        files = {"train_32x32.mat": mat(x_tr, y_tr), "test_32x32.mat": mat(x_te, y_te)}
+    return files, (x_tr, y_tr, x_te, y_te)
+
+
+class Server:
+    """Serves {root}/{name}/{file} on 127.0.0.1; paths under /cut/ drop the connection midway."""
+    def __init__(self, root):
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(root), **kw)
+
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                if self.path.startswith("/cut/"):
+                    body = open(os.path.join(root, self.path[5:]), "rb").read()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2])
+                    self.close_connection = True
+                    return
+                super().do_GET()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """Every download dataset, faked, served locally, with its checksums."""
+    rng = np.random.default_rng(0)
+    root, truth = tmp_path / "www", {}
+    for name in data.DOWNLOADS:
+        files, truth[name] = fake_dataset(name, rng)
+        (root / name).mkdir(parents=True)
+        for f, raw in files.items():
+            (root / name / f).write_bytes(raw)
+        md5s = {f: hashlib.md5(raw).hexdigest() for f, raw in files.items()}
+        monkeypatch.setitem(data.DOWNLOADS, name, (data.DOWNLOADS[name][0], md5s))
+    server = Server(root)
+    monkeypatch.setenv("GPICL_MIRROR", server.url)
+    yield server, root, truth
+    server.close()
+
+
+@pytest.mark.parametrize("name", list(data.DOWNLOADS))
+def test_download_verifies_converts_and_caches(name, served, tmp_path):
+    server, root, (truth) = served
+    cache = tmp_path / "cache"
+    path = data.fetch_dataset(name, str(cache))
+    d = np.load(path)
+    x_tr, y_tr, x_te, y_te = truth[name]
+    assert np.array_equal(d["x_train"], x_tr) and np.array_equal(d["y_train"], y_tr)
+    assert np.array_equal(d["x_test"], x_te) and np.array_equal(d["y_test"], y_te)
+    assert not [p for p in cache.rglob("*") if p.name.endswith((".part", ".tmp.npz"))]
+    server.close()                                                       # now offline: the cache serves
+    splits = data.load_dataset(name, 14, cache_dir=str(cache))
+    assert splits["train"][0].shape == (50, 196) and splits["test"][0].shape == (20, 196)
+    assert abs(splits["train"][0].mean().item()) < 1e-5                  # z-normalised per dataset
+    assert data.available(name, str(cache))
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "truncated", "cut"])
+def test_bad_downloads_leave_nothing_behind(damage, served, tmp_path):
+    server, root, _ = served
+    f = root / "kmnist" / "t10k-labels-idx1-ubyte.gz"
+    raw = f.read_bytes()
+    if damage == "corrupted":
+        f.write_bytes(raw[:-5] + bytes(5))
+    elif damage == "truncated":
+        f.write_bytes(raw[:len(raw) // 2])
+    url = f"{server.url}/cut/kmnist/" if damage == "cut" else None
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match="python data.py fetch kmnist"):
+        data.fetch_dataset("kmnist", str(cache), base_url=url)
+    kept = {p.name for p in cache.rglob("*") if p.is_file()}
+    assert "t10k-labels-idx1-ubyte.gz" not in kept and not any(k.endswith(".part") for k in kept)
+    assert not (cache / "kmnist.npz").exists() and not data.available("kmnist", str(cache))
+
+
+def test_mat_reader_agrees_with_scipy(tmp_path):
+    sio = pytest.importorskip("scipy.io")                               # optional: only where installed
+    x = np.random.default_rng(1).integers(0, 256, (32, 32, 3, 7), dtype=np.uint8)
+    y = np.arange(1, 8, dtype=np.float64)[:, None]
+    sio.savemat(tmp_path / "a.mat", {"X": x, "y": y}, do_compression=True)
+    got = data.read_mat(str(tmp_path / "a.mat"))
+    assert np.array_equal(got["X"], x) and np.array_equal(got["y"], y)
+    (tmp_path / "b.mat").write_bytes(mat_v5({"X": x, "y": y}))
+    theirs = sio.loadmat(tmp_path / "b.mat")
+    assert np.array_equal(theirs["X"], x) and np.array_equal(theirs["y"], y)
+
+
+def test_missing_dataset_is_one_line_offline(tmp_path):
+    env = dict(os.environ, GPICL_DATA=str(tmp_path / "empty"), GPICL_MIRROR="http://127.0.0.1:9")
+    p = subprocess.run([PY, os.path.join(HERE, "train.py"), *TINY, "--steps", "1",
+                        "--eval-datasets", "fashion_mnist", "--out-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "python data.py fetch fashion_mnist" in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# Data parallel: torchrun with two CPU processes (gloo) equals one process with the same batch
+
+DDP_TINY = ["--model", "transformer", "--width", "32", "--n-layer", "1", "--n-head", "2",
+            "--image-size", "7", "--seq-len", "10", "--batch-size", "8", "--steps", "2",
+            "--log-every", "1", "--eval-every", "2", "--eval-tasks", "2", "--eval-seqs", "4",
+            "--eval-datasets", "", "--threads", "1"]
+
+
+def test_two_processes_under_torchrun_train_like_one(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    p1 = subprocess.run([PY, os.path.join(HERE, "train.py"), *DDP_TINY, "--out-dir", one],
+                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p1.returncode == 0, p1.stderr
+    p2 = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         os.path.join(HERE, "train.py"), *DDP_TINY, "--out-dir", two],
+                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-2000:]
+    # the effective batch, said once (by rank 0 only)
+    assert p2.stdout.count("meta-batch 8") == 1, p2.stdout
+    assert "2 process(es) x 1 accumulation steps x 4 sequences = meta-batch 8" in p2.stdout
+    # one record per step (only rank 0 writes), and the same losses: step 1 checks that the two
+    # halves of the meta-batch are the single run's batch and that the loss is averaged over
+    # ranks; step 2 that the gradients were averaged too (summed, or not reduced, it differs)
+    a, b = losses(one), losses(two)
+    assert [s for s, _ in b] == [1, 2] == [s for s, _ in a]
+    for (_, la), (_, lb) in zip(a, b):
+        assert lb == pytest.approx(la, rel=1e-5), (a, b)
+
+
+# -----------------------------------------------------------------------------
+# The benchmark (bench.py): runs at tiny sizes, and its numbers hang together
+
+BENCH_TINY = ["--threads", "1", "--width", "32", "--n-layer", "1", "--n-head", "2",
+              "--image-size", "7", "--seq-len", "10", "--batch-size", "4",
+              "--steps", "2", "--warmup", "1", "--repeats", "3"]
+
+
+def test_bench_runs_and_reports_consistent_numbers(tmp_path):
+    out = str(tmp_path / "bench.json")
+    p = subprocess.run([PY, os.path.join(HERE, "bench.py"), *BENCH_TINY, "--out", out],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.load(open(out))
+    assert r["config"]["batch_size"] == 4 and r["config"]["n_x"] == 49
+    assert r["max_abs_logit_diff"] < 1e-5          # the reference is the same network, same weights
+    for name in ("ours", "ref"):
+        s = r["step"][name]
+        assert len(s["ms_repeats"]) == 3 and all(t > 0 for t in s["ms_repeats"])
+        assert s["ms"] == sorted(s["ms_repeats"])[1]                     # the median of 3
+        assert s["seq_per_s"] == pytest.approx(4 / (s["ms"] / 1e3))
+        assert s["tok_per_s"] == pytest.approx(10 * s["seq_per_s"])
+        assert s["tflops"] > 0 and s["mfu"] is None and s["peak_mib"] is None   # CPU: no MFU
+    assert set(r["tasks_ms"]) == {"ours_sample_sequences", "ours_apply_tasks", "ref_per_sequence"}
+    assert all(v > 0 for v in r["tasks_ms"].values())
+    assert r["step_ratio"] > 0 and r["task_ratio"] > 0
+    t, s = r["tasks_ms"]["ours_sample_sequences"], r["step"]["ours"]["ms"]
+    assert r["task_share"] == pytest.approx(t / (t + s)) and 0 < r["task_share"] < 1
+    assert r["process_peak_rss_mib"] > 0
+    assert "ratio ours/ref" in p.stdout and "share of a step" in p.stdout
+
+
+@pytest.mark.parametrize("flags", [["--repeats", "0"], ["--width", "30"], ["--device", "nonsense"]])
+def test_bench_bad_flags_give_one_line_and_exit_2(flags):
+    p = subprocess.run([PY, os.path.join(HERE, "bench.py"), *flags], capture_output=True, text=True,
+                       cwd=HERE, timeout=60)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_reference_is_our_transformer_rebuilt_from_torch_nn():
+    import bench
+    torch.manual_seed(0)
+    ours = models.build("transformer", 59, 10, **models.model_config("transformer", 59, 10, 32, 2, 2))
+    ref = bench.Reference(59, 10, 10, 32, 2, 2)
+    tokens = torch.randn(3, 10, 59)
+    with torch.no_grad():
+        assert (ours(tokens) - ref(tokens)).abs().max() > 1e-2             # different until copied
+        ref.copy_from(ours)
+        assert torch.allclose(ours(tokens), ref(tokens), atol=1e-6)
+        later = tokens.clone()
+        later[:, 5:] += 1                                                 # and causal, like ours
+        assert torch.equal(ref(tokens)[:, :5], ref(later)[:, :5])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints for the meta-testing tests
+
+TRAINED = os.path.join(HERE, "checkpoints", "mnist7_demo.pt")  # the demo learner, 7x7 MNIST
+
+
+def tiny_checkpoint(path, kind="transformer", image_size=2, seq_len=10, tweak=None, **cfg):
+    """A train.py-format checkpoint of an untrained learner."""
+    n_x = image_size ** 2
+    mcfg = models.model_config(kind, n_x + 10, seq_len, **cfg)
+    torch.manual_seed(0)
+    model = models.build(kind, n_x + 10, 10, **mcfg)
+    if tweak:
+        tweak(model)
+    torch.save(dict(model=model.state_dict(), optimizer=None, step=0, elapsed=0.0,
+                    config=dict(dataset="mnist", image_size=image_size, seq_len=seq_len),
+                    model_config=dict(kind=kind, n_in=n_x + 10, n_out=10, cfg=mcfg)), path)
+    return str(path)
+
+
+def blobs(labels, n_per, d=5, seed=0):
+    """Well-separated Gaussian classes, shuffled: (X (n, d), y (n,) with the given labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 4, (len(labels), d))
+    X = np.concatenate([c + rng.normal(0, 1, (n_per, d)) for c in centres])
+    y = np.repeat(np.asarray(labels, dtype=object), n_per)
+    p = rng.permutation(len(y))
+    return X[p], y[p]
+
+
+def uci_split(n_context=99, n_query=300, seed=0):
+    d = np.load(os.path.join(HERE, "data", "uci_digits.npz"))
+    X, y = d["x"].reshape(len(d["y"]), -1).astype(float), d["y"]
+    p = np.random.default_rng(seed).permutation(len(y))
+    c, q = p[:n_context], p[n_context:n_context + n_query]
+    return X[c], y[c], X[q], y[q]
+
+
+# -----------------------------------------------------------------------------
+# A meta-trained learner on your own data: InContextClassifier (gpicl.py)
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    return gpicl.InContextClassifier.from_checkpoint(TRAINED, members=8, seed=0)
+
+
+@pytest.mark.parametrize("labels", [[3, 7, 11], ["cat", "dog", "emu"]])
+def test_fit_predict_round_trip_in_the_users_labels(trained, labels):
+    X, y = blobs(labels, 40)
+    trained.fit(X[:60], y[:60])
+    pred, proba = trained.predict(X[60:]), trained.predict_proba(X[60:])
+    assert list(trained.classes_) == sorted(labels)
+    assert set(pred) <= set(labels) and pred.shape == (60,)
+    assert proba.shape == (60, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert np.array_equal(pred, trained.classes_[proba.argmax(1)])
+    # separated classes: a mapping back to the wrong labels would score ~1/3 or less
+    assert np.mean(pred == y[60:]) > 0.8
+
+
+def test_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
+    X, y = blobs([0, 1, 2, 3], 30, seed=1)
+    trained.fit(X[:80], y[:80])
+    q = X[80:]
+    proba = trained.predict_proba(q)
+    perm = np.random.default_rng(0).permutation(len(q))
+    assert np.allclose(trained.predict_proba(q[perm]), proba[perm], atol=1e-5)
+    assert np.allclose(trained.predict_proba(q[3:4]), proba[3:4], atol=1e-5)  # alone
+    # and a different seed is a different ensemble (the check above could not pass vacuously)
+    other = gpicl.InContextClassifier(TRAINED, members=8, seed=1).fit(X[:80], y[:80])
+    assert not np.allclose(other.predict_proba(q), proba, atol=1e-3)
+
+
+@pytest.mark.parametrize("fit_args, match", [
+    ((np.zeros((30, 3)), np.arange(30) % 11), "11 classes"),
+    ((np.full((4, 2), np.nan), [0, 1, 0, 1]), "NaN"),
+    ((np.array([[1.0, np.inf], [0, 0]]), [0, 1]), "infinite"),
+    ((np.ones((1, 3)), [0]), "at least 2 context rows"),
+    ((np.zeros((5, 0)), [0, 1, 0, 1, 0]), "width 0"),
+    ((np.zeros((5, 2)), [0, 1, 0]), "one label per row"),
+    (([["a", "b"], ["c", "d"]], [0, 1]), "numbers only"),
+])
+def test_bad_context_is_one_clear_error(trained, fit_args, match):
+    with pytest.raises(ValueError, match=match) as e:
+        gpicl.InContextClassifier(TRAINED, members=1).fit(*fit_args)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_queries_are_one_clear_error(trained):
+    fresh = gpicl.InContextClassifier(TRAINED, members=1)
+    with pytest.raises(ValueError, match="before predict"):
+        fresh.predict(np.zeros((2, 3)))
+    fresh.fit(np.random.default_rng(0).normal(size=(10, 3)), [0, 1] * 5)
+    with pytest.raises(ValueError, match="has 4 features but the context rows have 3"):
+        fresh.predict(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        fresh.predict_proba(np.array([[0, np.nan, 0]]))
+
+
+def test_long_context_is_split_into_chunks_that_fit_and_all_count(tmp_path, monkeypatch):
+    path = tiny_checkpoint(tmp_path / "t.pt", seq_len=10, width=16, n_layer=1, n_head=2)
+    seen = []
+    real = gpicl.last_position_logits
+    monkeypatch.setattr(gpicl, "last_position_logits",
+                        lambda m, xc, yc, xq, bs: seen.append(len(yc)) or real(m, xc, yc, xq, bs))
+    X = np.random.default_rng(0).normal(size=(25, 6))
+    clf = gpicl.InContextClassifier(path, members=2).fit(X, np.arange(25) % 3)
+    proba = clf.predict_proba(X[:4])
+    assert seen == [9, 8, 8, 9, 8, 8]          # 25 rows -> 3 chunks per member, each <= seq_len - 1
+    assert proba.shape == (4, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(tmp_path):
+    # 99 context rows, 300 queries. Chance is 0.1: a learner at chance exceeds 0.2 with
+    # probability < 1e-9 (binomial, n = 300); the demo learner scores ~0.55 here.
+    torch.set_num_threads(1)
+    Xc, yc, Xq, yq = uci_split()
+    untrained = tiny_checkpoint(tmp_path / "u.pt", image_size=7, seq_len=100, width=32,
+                                n_layer=2, n_head=4)
+    acc = {}
+    for name, path in (("trained", TRAINED), ("untrained", untrained)):
+        clf = gpicl.InContextClassifier(path, members=8).fit(Xc, yc)
+        acc[name] = np.mean(clf.predict(Xq) == yq)
+    assert acc["untrained"] < 0.2 < 0.35 < acc["trained"], acc
+
+
+def test_baselines_learn_separable_classes():
+    X, y = blobs([0, 1, 2], 40, seed=2)
+    X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y.astype(int))
+    assert torch.equal(gpicl.knn_predict(X, y, X, k=1), y)           # each row is its own neighbour
+    assert (gpicl.knn_predict(X[:60], y[:60], X[60:], k=3) == y[60:]).float().mean() > 0.9
+    assert (gpicl.logreg_predict(X[:60], y[:60], X[60:]) == y[60:]).float().mean() > 0.9
+    # and a shuffled context teaches them nothing (the checks above can fail)
+    y_bad = y[:60][torch.randperm(60, generator=torch.Generator().manual_seed(0))]
+    assert (gpicl.logreg_predict(X[:60], y_bad, X[60:]) == y[60:]).float().mean() < 0.7
+
+
+# -----------------------------------------------------------------------------
+# The command line: metatest.py csv
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return str(path)
+
+
+def run_metatest(args, **kw):
+    return subprocess.run([PY, os.path.join(HERE, "metatest.py"), "--threads", "1", *args],
+                          capture_output=True, text=True, cwd=HERE, timeout=120, **kw)
+
+
+def test_csv_command_prints_accuracies_and_writes_predictions(tmp_path):
+    X, y = blobs(["a", "b", "c"], 30, d=4, seed=3)
+    rows = [[*map(str, x), lab] for x, lab in zip(X, y)]
+    train = write_csv(tmp_path / "train.csv", ["f1", "f2", "label", "f3"],
+                      [[r[0], r[1], r[4], r[2]] for r in rows[:60]])   # label in the middle
+    test = write_csv(tmp_path / "test.csv", ["f3", "label", "f1", "f2"],      # other order
+                     [[r[2], r[4], r[0], r[1]] for r in rows[60:]])
+    out = tmp_path / "preds.csv"
+    p = run_metatest(["csv", "--ckpt", TRAINED, "--train", train, "--test", test, "--label", "label",
+                   "--out", str(out), "--members", "4"])
+    assert p.returncode == 0, p.stderr
+    accs = [float(a) for a in re.findall(r"\b\d\.\d{3}\b", p.stdout)]   # GPICL, kNN, logreg
+    assert len(accs) == 3 and all(a > 0.8 for a in accs), p.stdout
+    got = list(csv.reader(open(out)))
+    assert got[0] == ["prediction", "knn_k1", "logreg", "p_a", "p_b", "p_c"] and len(got) == 31
+    for col, acc in enumerate(accs):  # the file holds the predictions whose accuracy was printed
+        assert abs(np.mean([g[col] == lab for g, lab in zip(got[1:], y[60:])]) - acc) < 6e-4
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "cannot read"), ("label", "no column 'label'"), ("text", "'x' is not a number")])
+def test_csv_command_errors_are_one_line_exit_2(tmp_path, case, message):
+    good = write_csv(tmp_path / "good.csv", ["f1", "label"], [["1", "a"], ["2", "b"]])
+    bad = {"missing": str(tmp_path / "nope.csv"),
+           "label": write_csv(tmp_path / "nolabel.csv", ["f1", "y"], [["1", "a"], ["2", "b"]]),
+           "text": write_csv(tmp_path / "text.csv", ["f1", "label"], [["1", "a"], ["x", "b"]])}[case]
+    p = run_metatest(["csv", "--ckpt", TRAINED, "--train", bad, "--test", good, "--label", "label",
+                   "--out", str(tmp_path / "p.csv")])
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# The command line: metatest.py table1
+
+def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
+    def always_label_3(model):  # a learner whose accuracy the test can count by itself
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10) * 5.0)
+    const = tiny_checkpoint(tmp_path / "const.pt", width=16, n_layer=1, n_head=2, tweak=always_label_3)
+    sgd = tiny_checkpoint(tmp_path / "sgd.pt", kind="sgd", width=8)       # no parameters at all
+    env = dict(os.environ, GPICL_DATA=str(tmp_path / "empty"), GPICL_MIRROR="http://127.0.0.1:9")
+    p = run_metatest(["table1", const, sgd, "--tasks", "4", "--seqs", "8", "--out-dir",
+                   str(tmp_path / "out")], env=env)
+    assert p.returncode == 0, p.stderr
+    md = open(tmp_path / "out" / "table1.md").read()
+    res = json.load(open(tmp_path / "out" / "table1.json"))
+    assert "| GPICL Transformer (paper) | 73.70 | 62.24 | 53.39 | 100.00 | 19.40 | 14.58 |" in md
+    for name in ("fashion_mnist", "kmnist", "cifar10", "svhn"):
+        assert f"missing — fetch with `python data.py fetch {name}`" in md
+    row = res["checkpoints"][0]["accuracy_pct"]
+    assert row["KMNIST"] == {"missing": "fetch with `python data.py fetch kmnist`"}
+    # the expected accuracy: how often the label at position 10 of each unseen-task sequence is 3
+    ids = data.unseen_task_ids(4).repeat_interleave(8)
+    for column, name in (("MNIST", "mnist"), ("Random", "random"), ("UCI digits", "uci_digits")):
+        x_all, y_all = data.load_dataset(name, 2)["test"]
+        _, y = data.task_sequences(x_all, y_all, ids, 10, torch.arange(32), gpicl.EVAL_SEED)
+        expect = 100 * (y[:, -1] == 3).float().mean().item()
+        assert row[column]["n"] == 32 and abs(row[column]["acc"] - expect) < 0.01, (column, row)
+        assert f"{row[column]['acc']:.2f} ± {row[column]['ci']:.2f}" in md
+    sgd_row = res["checkpoints"][1]
+    assert sgd_row["learner"] == "sgd" and 0 <= sgd_row["accuracy_pct"]["Random"]["acc"] <= 100
