@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import data
+import experiments
 import gpicl
 import models
 
@@ -784,3 +785,102 @@ def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
         assert f"{row[column]['acc']:.2f} ± {row[column]['ci']:.2f}" in md
     sgd_row = res["checkpoints"][1]
     assert sgd_row["learner"] == "sgd" and 0 <= sgd_row["accuracy_pct"]["Random"]["acc"] <= 100
+
+
+# -----------------------------------------------------------------------------
+# Reproducing the findings (experiments.py): the sweep runner, the plateau rule, the figures
+
+EXP_TINY = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "3",
+        "--seq-len", "4", "--eval-datasets", "", "--eval-tasks", "1", "--eval-seqs", "2",
+        "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--log-every", "1"]
+
+
+def test_sweep_writes_one_record_per_run_and_skips_finished_ones(tmp_path):
+    out, runs_dir = str(tmp_path / "r.jsonl"), str(tmp_path / "runs")
+    runs = [(dict(model="transformer", width=8, n_head=2, num_tasks=n), EXP_TINY) for n in (1, None)]
+    ran = experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True)  # train.main, no torch start-up
+    assert sorted(ran) == sorted(experiments.run_id(p) for p, _ in runs)
+    recs = experiments.read_records(out)
+    assert [r["id"] for r in recs if r["params"]["num_tasks"] is None] == ["model=transformer,width=8,n_head=2,num_tasks=fresh"]
+    for r in recs:
+        assert r["summary"]["step"] == 3 and [s for s, _ in r["loss"]] == [1, 2, 3]
+        assert set(r["final"]) == {"seen random", "unseen random"} and len(r["final"]["seen random"]["curve"]) == 4
+        assert r["evals"][-1]["step"] == 3 and "curve" not in r["evals"][-1]["results"]["seen random"]
+    assert experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True) == []  # resumable: nothing to do
+    assert len(experiments.read_records(out)) == 2
+
+
+def curve(plateau_end, n=200, every=20, low=1.0, high=math.log(10)):
+    """A loss at chance until plateau_end (None: forever), then low."""
+    return [[s, high if plateau_end is None or s < plateau_end else low]
+            for s in range(every, every * n + 1, every)]
+
+
+def test_plateau_rule():
+    assert experiments.plateau_length(curve(2000)) == 2000                       # a plateau of known length
+    assert experiments.plateau_length(curve(None)) is None                       # never escapes
+    assert experiments.plateau_length(curve(0)) == 20                            # no plateau: first record
+    spiky = curve(None)
+    spiky[50][1] = 2.0                                                 # one low record is noise,
+    assert experiments.plateau_length(spiky) is None                             # not an escape (window 5)
+    slow = [[s, math.log(10) - 0.99e-4 * s] for s in range(20, 4001, 20)]  # a steady slide: the
+    assert experiments.plateau_length(slow) == 1060     # trailing mean (steps 980..1060, mean 1020) is the first 0.1 below
+
+
+def record(params, plateau_end, steps=4000, unseen_last=0.5, onset=None):
+    res = {k: dict(first=0.1, last=unseen_last if k.startswith("unseen") else 0.9, last_ci=0.01,
+                   improvement=unseen_last - 0.1, improvement_ci=0.02, n=64, curve=[0.1, unseen_last])
+           for k in ("seen random", "unseen random", "unseen mnist")}
+    evals = [dict(step=s, regime="x", results={k: dict(v, last=0.1 if onset is None or s < onset else v["last"])
+                                               for k, v in res.items()}) for s in range(200, steps + 1, 200)]
+    return dict(id=experiments.run_id(params), params=params, flags=["--dataset", "random"], loss=curve(plateau_end),
+                evals=evals, final=res, summary=dict(step=steps, regime="learning-to-learn", state_size=100,
+                                                     parameters=1000, results=res))
+
+
+def test_plateau_figure_data_fits_the_power_law():
+    base = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
+    recs = [record(dict(base, batch_size=b), 20 * round(8000 * b ** -0.5 / 20), onset=2000) for b in (8, 32, 128)]
+    recs += [record(dict(base, adam_eps=1e-3), None), record(dict(base, bias=0.25), 200, onset=1400)]
+    d = experiments.figure_data("plateaus", recs)
+    assert d["batch_size"]["values"] == [8, 32, 128]
+    assert d["batch_size"]["exponent"] == pytest.approx(-0.5, abs=0.01)
+    assert d["adam_eps"]["values"] == [1e-8, 1e-3] and d["adam_eps"]["plateau"][1] is None
+    assert d["bias"]["plateau"] == [1420, 200] and d["bias"]["onset"] == [2000, 1400]
+
+
+def test_transition_figure_data_is_a_grid():
+    recs = [record(dict(model="transformer", width=w, num_tasks=n), 200, unseen_last=0.1 + (n is None) * w / 100)
+            for w in (16, 64) for n in (None, 4, 1)]
+    d = experiments.figure_data("transitions", recs[:-1])                        # one cell missing
+    g = d["transformer"]
+    assert g["tasks"] == [1, 4, None] and g["widths"] == [16, 64]     # fresh sorts last
+    assert g["unseen"][1] == [None, 0.1, pytest.approx(0.74)]
+    assert set(g["improvement"]) == {"seen random", "unseen random", "unseen mnist"}
+
+
+@pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
+def test_figures_draw(name, tmp_path):
+    pytest.importorskip("matplotlib")
+    base = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
+    recs = {"plateaus": [record(dict(base, batch_size=b), 1000 // b * 20) for b in (16, 32)] +
+                        [record(dict(base, bias=0.5), None)],
+            "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200) for w in (8, 16) for n in (1, None)],
+            "state_size": [record(dict(model=m, width=8), 200) for m in ("lstm", "transformer")],
+            "learning_curves": [record(dict(model="sgd"), 200)]}[name]
+    path = experiments.plot(name, recs, str(tmp_path / f"{name}.png"))
+    assert os.path.getsize(path) > 1000
+
+
+def test_plateau_stop_rule_waits_for_both_ends_and_the_margin():
+    stop = experiments.plateau_stop("random", margin=300)
+    rec = record(dict(batch_size=32), 2000, steps=4000, onset=2400)
+    log = lambda upto: ([dict(step=s, loss=l) for s, l in rec["loss"] if s <= upto] +
+                        [dict(step=e["step"], eval=e["results"]) for e in rec["evals"] if e["step"] <= upto])
+    assert not stop(log(2200))          # the loss has escaped, unseen accuracy not yet
+    assert not stop(log(2680))          # both have, but only 280 steps ago
+    assert stop(log(2700))
+    never = record(dict(batch_size=32), 2000, steps=4000, onset=None)
+    never["evals"] = [dict(e, results={k: dict(v, last=0.1) for k, v in e["results"].items()}) for e in never["evals"]]
+    assert not stop([dict(step=s, loss=l) for s, l in never["loss"]] +
+                    [dict(step=e["step"], eval=e["results"]) for e in never["evals"]])

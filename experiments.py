@@ -1,0 +1,484 @@
+"""
+Reproduce the paper's findings, one command each (Kirsch et al. 2022, sections 3-4).
+
+    python experiments.py transitions    [--scale cpu|gpu] [--jobs 2] [--out results/transitions.jsonl]
+    python experiments.py state_size     ...
+    python experiments.py plateaus       ...
+    python experiments.py learning_curves ...
+    python experiments.py NAME --plot    # results/NAME.png, drawn from the JSONL alone
+
+Every run is `train.py` in a subprocess (one CPU thread at the cpu scale) writing into
+runs/exp/NAME[_gpu]/RUN_ID; when it finishes, one JSON record goes into the results file: the
+sweep's variables, the flags, summary.json, the loss curve (at most 1,000 points) and the
+evaluations (every eval of training: first, last, improvement; the final one in full, with
+its per-position curves). A run whose id is already in the file is skipped, and an interrupted run is continued
+with --resume, so a sweep is resumable by just running the command again.
+
+Scales. `cpu`: small problems that show each effect qualitatively on 2 cores in well under 30
+min per sweep. The base task at this scale is mostly the paper's Random dataset (10 noise images
+per task, 5x5 after resizing, random projection + label permutation per task, sequences of 10):
+pure in-context lookup, the one problem whose loss plateau a 2-layer Transformer escapes in a
+few thousand CPU steps (on MNIST with fresh tasks it sits at chance for > 6,000 steps). Its
+"other dataset" for meta-testing is MNIST at 5x5. `gpu`: the paper's setting (MNIST 14x14,
+sequences of 100, meta-batch 128, 50k steps, Transformer d256 x 4 layers unless swept); run it
+with --jobs 1 on one GPU. Expected times in each docstring are ESTIMATES (one H100, ~10-20 ms
+per step at d256/B128/T100 with bf16), not measured: no GPU was available when this was written.
+
+The plateau rule (used for every plateau number and in tests): smooth the logged training
+loss with a trailing mean over WINDOW=5 records (100 steps at --log-every 20); the plateau
+ends at the first logged step where the smoothed loss is below ln(10) - DELTA, DELTA = 0.1
+nats (chance level for 10 classes is ln 10 = 2.303). None = never within the run (censored;
+drawn as an open marker at the run's length). Because a biased batch lowers the loss simply by
+memorising its fixed task, plateau runs also report the generalisation onset: the first
+evaluation where the unseen-task accuracy at the last position is above chance + 0.1.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WINDOW, DELTA, CHANCE = 5, 0.1, 0.1
+PLATEAU_LOSS = math.log(10)
+
+# -----------------------------------------------------------------------------
+# The sweeps: each returns [(params, flags)]; params are the swept variables (they name the run)
+
+CPU = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "5",
+       "--seq-len", "10", "--eval-datasets", "mnist", "--eval-tasks", "8", "--eval-seqs", "32",
+       "--log-every", "20", "--lr", "2e-3", "--batch-size", "32", "--n-layer", "2", "--n-head", "4"]
+GPU = ["--dataset", "mnist", "--image-size", "14", "--seq-len", "100", "--eval-datasets",
+       "uci_digits,random", "--log-every", "50", "--batch-size", "128", "--steps", "50000",
+       "--eval-every", "2500"]
+
+
+def flags_of(params):
+    """{'num_tasks': 16, 'width': 64} -> ['--num-tasks', '16', '--width', '64']"""
+    out = []
+    for k, v in params.items():
+        out += [f"--{k.replace('_', '-')}", "fresh" if v is None else str(v)]
+    return out
+
+
+def transitions(scale):
+    """Paper Figure 4 and the heatmaps of Figure 3/5: sweep the number of tasks x model size.
+    Paper: with few tasks the learner memorises instances (seen accuracy high, no improvement
+    within the sequence); then it memorises tasks (seen tasks improve along the sequence, unseen
+    do not); from ~2^13-2^14 MNIST tasks and width >= 64 it learns-to-learn (unseen tasks
+    improve, ~0.6 on MNIST, ~0.4 on FashionMNIST). cpu: Random base, 2^0/2/4/6/8/12 and fresh
+    tasks x width 16/64, 4,000 steps each, evaluated on 32 tasks x 16 sequences: spread over many
+    tasks, since sequences of one task are not independent (14 runs, 13 min on 2 busy cores).
+    gpu: MNIST, 2^0..2^24 (every second power) and fresh x Transformer width 16/64/256 and MLP
+    64/256/1024, 50k steps: 84 runs of ~10-15 min on an H100 (~15-20 GPU hours)."""
+    if scale == "cpu":
+        tasks, sizes = [1, 4, 16, 64, 256, 4096, None], {"transformer": [16, 64]}
+        extra = CPU + ["--steps", "4000", "--eval-every", "500", "--eval-tasks", "32", "--eval-seqs", "16"]
+    else:
+        tasks = [2 ** k for k in range(0, 25, 2)] + [None]
+        sizes, extra = {"transformer": [16, 64, 256], "mlp": [64, 256, 1024]}, GPU
+    return [(dict(model=m, width=w, num_tasks=n), extra) for m, ws in sizes.items()
+            for w in ws for n in tasks]
+
+
+def state_size(scale):
+    """Paper section 4.2, Figure 6: learners of many kinds and sizes; meta-test accuracy follows
+    the state size (floats carried from one step to the next), not the parameter count. cpu:
+    fresh Random tasks (lookup needs a memory of the 10 pairs seen), Transformer / LSTM /
+    outer-product LSTM / fast-weight memory at 1-2 widths, meta-batch 128 (at batch 32 the
+    lookup plateau outlasts 4,000 steps: every learner stayed at chance), 3,000 steps (7 runs,
+    ~12 min on 2 busy cores).
+    gpu: MNIST with 2^24 tasks, the same kinds at 4 widths each, 50k steps (16 runs, ~4 GPU h)."""
+    widths = {"transformer": [8, 32], "lstm": [16, 128], "outer_lstm": [4, 16], "fwm": [8]} if scale == "cpu" else \
+        {"transformer": [16, 32, 64, 256], "lstm": [64, 256, 1024, 2048],
+         "outer_lstm": [4, 8, 16, 32], "fwm": [8, 16, 32, 64]}
+    extra = CPU + ["--steps", "3000", "--eval-every", "500", "--num-tasks", "fresh", "--batch-size", "128"] \
+        if scale == "cpu" else GPU + ["--num-tasks", str(2 ** 24)]
+    return [(dict(model=m, width=w), extra) for m, ws in widths.items() for w in ws]
+
+
+def plateaus(scale):
+    """Paper section 4.3, Figures 7-9: the loss sits at chance for a long time before in-context
+    learning appears. Plateau length falls as a power law in the batch size; a smaller Adam
+    epsilon shortens it; biasing a fraction F of each batch to one fixed task removes the loss
+    plateau (memorisation first, then generalisation). One base run (batch 32, eps 1e-8, F 0)
+    varied one factor at a time. cpu: fresh Random tasks, Transformer d32 x 2 layers, batch
+    16/32/64/128/256, eps 1e-12/1e-8/1e-5/1e-3, bias 0/0.1/0.25; at most 6,000 steps (batch 16:
+    10,000), stopped 300 steps after both the plateau and the generalisation onset (10 runs,
+    16 min on 2 busy cores). gpu: MNIST fresh tasks, d256 x 4, 50k steps, batch 32..512 (13
+    runs, ~4 GPU h; batch 512 dominates)."""
+    base = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
+    if scale == "cpu":
+        batches, eps, bias = [128, 64, 16, 256], [1e-3, 1e-12, 1e-5], [0.25, 0.1]
+        extra = CPU + ["--model", "transformer", "--width", "32", "--num-tasks", "fresh",
+                       "--steps", "6000", "--eval-every", "200"]
+    else:
+        batches, eps, bias = [64, 128, 256, 512], [1e-4, 1e-6, 1e-10, 1e-12], [0.05, 0.1, 0.25, 0.5]
+        extra = GPU + ["--num-tasks", "fresh", "--eval-every", "500"]
+    runs = [base] + [dict(base, batch_size=b) for b in batches[:2]] + [dict(base, bias=f) for f in bias] + \
+        [dict(base, adam_eps=e) for e in eps] + [dict(base, batch_size=b) for b in batches[2:]]
+    longer = ["--steps", "10000"] if scale == "cpu" else []  # batch 16's plateau is longer than 6,000
+    return [(r, extra + longer * (r["batch_size"] == 16)) for r in runs]
+
+
+def learning_curves(scale):
+    """Paper Figure 3 / Table 1: accuracy against the number of examples seen, meta-trained on
+    MNIST, meta-tested on unseen MNIST tasks and on other datasets; the Transformer goes from
+    0.1 at the first example to ~0.74 at the 100th on MNIST, close to SGD (0.70). cpu: MNIST 7x7,
+    sequences of 100, Transformer d64 x 2 (the README curriculum: 6,000 lookup steps then 3,000
+    MNIST steps), an LSTM with the same budget, and plain SGD (no meta-training): 19 min on 2
+    busy cores, 18 of them the Transformer run.
+    gpu: MNIST 14x14, Transformer d256 x 4, LSTM 1024, 50k steps (+ lookup curriculum 5k), SGD
+    and MAML (~3 GPU h)."""
+    if scale == "cpu":
+        extra = ["--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
+                 "--seq-len", "100", "--eval-datasets", "uci_digits,random", "--eval-tasks", "8",
+                 "--eval-seqs", "32", "--log-every", "50", "--lr", "2e-3", "--batch-size", "32",
+                 "--num-tasks", "fresh", "--lookup-steps", "6000", "--lookup-seq-len", "10",
+                 "--steps", "9000", "--eval-every", "1000"]
+        runs = [dict(model="transformer", width=64, n_layer=2, n_head=4), dict(model="lstm", width=128),
+                dict(model="sgd")]
+    else:
+        extra = GPU + ["--num-tasks", "fresh", "--lookup-steps", "5000", "--lookup-seq-len", "20"]
+        runs = [dict(model="transformer"), dict(model="lstm", width=1024), dict(model="sgd"),
+                dict(model="maml")]
+    return [(r, extra) for r in runs]
+
+
+EXPERIMENTS = {f.__name__: f for f in (learning_curves, plateaus, transitions, state_size)}  # longest first
+
+# -----------------------------------------------------------------------------
+# The runner: one subprocess of train.py per run, a record per finished run, resumable
+
+
+def run_id(params):
+    return ",".join(f"{k}={'fresh' if v is None else v}" for k, v in params.items())
+
+
+def read_records(path):
+    if not os.path.exists(path):
+        return []
+    return [json.loads(l) for l in open(path) if l.strip()]
+
+
+def subsample(points, n=1000):
+    stride = max(1, math.ceil(len(points) / n))
+    return points[::stride] if points[-1:] == points[::stride][-1:] else points[::stride] + points[-1:]
+
+
+def rounded(x, digits=4):
+    if isinstance(x, float):
+        return round(x, digits)
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    return [rounded(v, digits) for v in x] if isinstance(x, list) else x
+
+
+def collect(out_dir):
+    """A finished run directory -> the parts of its record that come from train.py (floats to
+    4 decimals, so that a results file stays small)."""
+    log = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
+    evals = [r for r in log if "eval" in r]
+    strip = lambda res: {k: {m: r[m] for m in ("first", "last", "improvement")} for k, r in res.items()}
+    return rounded(dict(summary=json.load(open(os.path.join(out_dir, "summary.json"))),
+                        loss=subsample([[r["step"], r["loss"]] for r in log if "loss" in r]),
+                        evals=[dict(step=r["step"], regime=r["regime"], results=strip(r["eval"])) for r in evals],
+                        final=evals[-1]["eval"] if evals else None))
+
+
+def read_log(out_dir):
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        return [json.loads(l) for l in open(path) if l.endswith("\n")]
+    except (OSError, ValueError):
+        return []
+
+
+def run_one(params, flags, out_dir, stop=None, inprocess=False, python=sys.executable):
+    """train.py with flags + the params' flags; resumes a run the directory already holds.
+    stop(log records) -> True ends the run early: SIGINT (train.py checkpoints), then a
+    --resume with --steps at the checkpoint's step evaluates it and writes summary.json.
+    inprocess: train.main(argv) in this process instead (no stop rule; saves torch's start-up)."""
+    cmd = [python, os.path.join(HERE, "train.py"), *flags, *flags_of(params), "--out-dir", out_dir]
+    if inprocess and not os.path.exists(os.path.join(out_dir, "summary.json")):
+        import train
+        train.main(cmd[2:] + (["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []))
+        return collect(out_dir)
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(out_dir + ".out", "a") as f:
+        def train(extra):
+            return subprocess.Popen(cmd + extra, stdout=f, stderr=subprocess.STDOUT, env=env,  # SIGINT
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # is
+        # ignored by jobs a non-interactive shell puts in the background; train.py needs it to stop
+        if not os.path.exists(os.path.join(out_dir, "summary.json")):
+            resume = ["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
+            proc, stopped, t0 = train(resume), False, time.time()
+            log_path = os.path.join(out_dir, "log.jsonl")
+            while proc.poll() is None:
+                time.sleep(5)
+                fresh = os.path.exists(log_path) and os.path.getmtime(log_path) > t0 + 1  # this process logs
+                if stop is not None and fresh and not stopped and stop(read_log(out_dir)):
+                    proc.send_signal(signal.SIGINT)
+                    stopped = True
+            if stopped and proc.returncode != 0:  # 130, or interrupted while starting: finish anyway
+                step = max(r["step"] for r in read_log(out_dir))
+                proc = train(["--resume", "--steps", str(step)])
+                proc.wait()
+            if proc.returncode != 0:
+                raise RuntimeError(f"train.py failed ({proc.returncode}); see {out_dir}.out")
+    return collect(out_dir)
+
+
+def run_all(items, jobs=1, inprocess=False):
+    """items: [(name, scale, out, runs_dir, params, flags, stop)]. Runs every item whose id is
+    not yet in its out file, `jobs` at a time, appending a record as each ends; returns the ids."""
+    done = {(o, r["id"]) for o in {it[2] for it in items} for r in read_records(o)}
+    todo = [it for it in items if (it[2], run_id(it[4])) not in done]
+    lock = threading.Lock()
+
+    def work(it):
+        name, scale, out, runs_dir, params, flags, stop = it
+        rid, t0 = run_id(params), time.time()
+        part = run_one(params, flags, os.path.join(runs_dir, rid.replace("=", "_").replace(",", "__")), stop,
+                       inprocess)
+        rec = dict(id=rid, experiment=name, scale=scale, params=params, flags=flags, **part,
+                   wall_s=round(time.time() - t0, 1))
+        with lock:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"[{name}] {rid}: {rec['summary']['regime']} at step {rec['summary']['step']} "
+                  f"in {rec['wall_s']:.0f} s", flush=True)
+        return rid
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(work, todo))
+
+
+def run_sweep(name, runs, out, runs_dir, jobs=1, scale="cpu", stop=None, inprocess=False):
+    """One experiment's runs [(params, flags)] into `out`; see run_all."""
+    return run_all([(name, scale, out, runs_dir, p, f, stop) for p, f in runs], jobs, inprocess)
+
+
+def plateau_stop(dataset, margin=300):
+    """Stop rule for plateau runs: both the loss plateau and generalisation have ended, and
+    `margin` more steps have been logged (so the curves show what comes after)."""
+    def stop(log):
+        rec = dict(loss=[[r["step"], r["loss"]] for r in log if "loss" in r], flags=["--dataset", dataset],
+                   evals=[dict(step=r["step"], results=r["eval"]) for r in log if "eval" in r])
+        ends = [plateau_length(rec["loss"]), generalisation_onset(rec)] if rec["loss"] else [None]
+        return None not in ends and rec["loss"][-1][0] >= max(ends) + margin
+    return stop
+
+# -----------------------------------------------------------------------------
+# Plateau length, by the rule stated at the top
+
+
+def escape_step(steps, values, threshold, window=1):
+    """First step where the trailing mean of `window` values is below threshold, else None."""
+    for i in range(len(values)):
+        lo = max(0, i - window + 1)
+        if sum(values[lo:i + 1]) / (i + 1 - lo) < threshold:
+            return steps[i]
+    return None
+
+
+def plateau_length(loss, plateau=PLATEAU_LOSS, delta=DELTA, window=WINDOW):
+    """loss [[step, loss], ...] -> the step the plateau ends (see the module docstring)."""
+    return escape_step([s for s, _ in loss], [l for _, l in loss], plateau - delta, window)
+
+
+def generalisation_onset(rec):
+    """First evaluation step where unseen base-dataset accuracy at the last position > 0.2."""
+    key = "unseen " + dataset_of(rec)
+    ev = [(e["step"], -e["results"][key]["last"]) for e in rec["evals"]]
+    return escape_step([s for s, _ in ev], [v for _, v in ev], -(CHANCE + 0.1))
+
+
+def dataset_of(rec):
+    f = rec["flags"]
+    return f[f.index("--dataset") + 1] if "--dataset" in f else "mnist"
+
+# -----------------------------------------------------------------------------
+# Figure data (pure, tested without matplotlib) and figures
+
+
+def figure_data(name, records):
+    """The numbers each figure shows, from the records alone."""
+    if not records:
+        return {}
+    base = dataset_of(records[0])
+    others = sorted({k.split(" ", 1)[1] for r in records for k in r["final"]} - {base})
+    if name == "transitions":
+        out = {}
+        for model in sorted({r["params"]["model"] for r in records}):
+            rs = [r for r in records if r["params"]["model"] == model]
+            tasks = sorted({r["params"]["num_tasks"] for r in rs}, key=lambda n: math.inf if n is None else n)
+            widths = sorted({r["params"]["width"] for r in rs})
+            at = {(r["params"]["width"], r["params"]["num_tasks"]): r["summary"] for r in rs}
+            cell = lambda w, n, f: f(at[w, n]) if (w, n) in at else None
+            grid = lambda f: [[cell(w, n, f) for n in tasks] for w in widths]  # rows: widths
+            sets = [f"seen {base}", f"unseen {base}"] + [f"unseen {o}" for o in others]
+            out[model] = dict(tasks=tasks, widths=widths, regime=grid(lambda s: s["regime"]),
+                              seen=grid(lambda s: s["results"][f"seen {base}"]["last"]),
+                              unseen=grid(lambda s: s["results"][f"unseen {base}"]["last"]),
+                              improvement={k: grid(lambda s: s["results"][k]["improvement"]) for k in sets},
+                              improvement_ci={k: grid(lambda s: s["results"][k]["improvement_ci"]) for k in sets})
+        return out
+    if name == "state_size":
+        return [dict(model=r["params"]["model"], width=r["params"]["width"],
+                     state_size=r["summary"]["state_size"], parameters=r["summary"]["parameters"],
+                     unseen=r["summary"]["results"][f"unseen {base}"]["last"],
+                     unseen_ci=r["summary"]["results"][f"unseen {base}"]["last_ci"],
+                     other={o: r["summary"]["results"][f"unseen {o}"]["last"] for o in others})
+                for r in records]
+    if name == "plateaus":
+        base_p = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
+        out = {}
+        for var in ("batch_size", "adam_eps", "bias"):
+            rs = sorted([r for r in records if all(r["params"][k] == v for k, v in base_p.items() if k != var)],
+                        key=lambda r: r["params"][var])
+            out[var] = dict(values=[r["params"][var] for r in rs],
+                            plateau=[plateau_length(r["loss"]) for r in rs],
+                            onset=[generalisation_onset(r) for r in rs],
+                            steps=[r["summary"]["step"] for r in rs], loss=[r["loss"] for r in rs])
+        bs = out["batch_size"]
+        pts = [(math.log(b), math.log(p)) for b, p in zip(bs["values"], bs["plateau"]) if p]
+        if len(pts) >= 2:  # least-squares slope of log plateau on log batch: the power law's exponent
+            mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+            sxx = sum((x - mx) ** 2 for x, _ in pts)
+            bs["exponent"] = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else None
+        return out
+    if name == "learning_curves":
+        label = lambda p: p["model"] + (f" d{p['width']}" if "width" in p else "")
+        return {label(r["params"]): {k: v["curve"] for k, v in r["final"].items()} for r in records}
+    raise ValueError(f"unknown experiment {name!r}")
+
+
+def plot(name, records, path):
+    import matplotlib  # optional: only figures need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = figure_data(name, records)
+    fmt_n = lambda n: "fresh" if n is None else f"2^{int(round(math.log2(n)))}"
+    if name == "transitions":
+        models = list(d)
+        fig, ax = plt.subplots(len(models), 3, figsize=(13, 3.4 * len(models)), squeeze=False)
+        for row, m in zip(ax, models):
+            g = d[m]
+            for a, key in zip(row[:2], ("seen", "unseen")):
+                grid = [[math.nan if v is None else v for v in line] for line in g[key]]
+                im = a.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+                for i, line in enumerate(grid):
+                    for j, v in enumerate(line):
+                        a.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                               color="k" if v > 0.5 else "w")
+                a.set_xticks(range(len(g["tasks"])), [fmt_n(n) for n in g["tasks"]], fontsize=7)
+                a.set_yticks(range(len(g["widths"])), g["widths"])
+                a.set(title=f"{m}: {key} tasks, acc@last", xlabel="number of tasks", ylabel="width")
+            fig.colorbar(im, ax=row[1])
+            x = range(len(g["tasks"]))
+            w = max(g["widths"])
+            for k, v in g["improvement"].items():
+                i = g["widths"].index(w)
+                row[2].errorbar(x, [math.nan if u is None else u for u in v[i]],
+                                yerr=[0 if u is None else u for u in g["improvement_ci"][k][i]], label=k, marker="o")
+            for j, rg in enumerate(g["regime"][g["widths"].index(w)]):
+                row[2].text(j, -0.12, {"instance memorisation": "I", "task memorisation": "T",
+                                       "learning-to-learn": "L"}.get(rg, "?"), ha="center", fontsize=8)
+            row[2].set_xticks(list(x), [fmt_n(n) for n in g["tasks"]], fontsize=7)
+            row[2].set(title=f"{m} d{w}: accuracy gain, last - first", ylim=(-0.2, 1),
+                       xlabel="tasks (regime: I/T instance/task memorised, L learns)")
+            row[2].axhline(0, color="k", lw=0.5)
+            row[2].legend(fontsize=7)
+    elif name == "state_size":
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        for m in sorted({p["model"] for p in d}):
+            ps = sorted([p for p in d if p["model"] == m], key=lambda p: p["state_size"])
+            for a, key in zip(ax, ("state_size", "parameters")):
+                a.errorbar([max(p[key], 1) for p in ps], [p["unseen"] for p in ps],
+                           yerr=[p["unseen_ci"] for p in ps], marker="o", label=m)
+                for p in ps:  # the width next to each point
+                    a.annotate(f"w{p['width']}", (max(p[key], 1), p["unseen"]), fontsize=7,
+                               xytext=(4, 4), textcoords="offset points")
+        for a, key in zip(ax, ("state size (floats)", "parameter count")):
+            a.set(xscale="log", xlabel=key, ylabel="accuracy @ last position",
+                  title=f"unseen tasks (meta-training dataset) vs {key.split(' (')[0]}")
+            a.axhline(CHANCE, color="k", lw=0.5, ls=":")
+            a.legend(fontsize=8)
+    elif name == "plateaus":
+        fig, ax = plt.subplots(2, 3, figsize=(14, 7))
+        for col, (var, g) in enumerate(d.items()):
+            for v, loss in zip(g["values"], g["loss"]):
+                ax[0, col].plot([s for s, _ in loss], [l for _, l in loss], lw=0.8, label=f"{var}={v}")
+            ax[0, col].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
+            ax[0, col].set(title=f"training loss, varying {var}", xlabel="step", ylim=(0, 2.6))
+            ax[0, col].legend(fontsize=7)
+            xs = list(range(len(g["values"]))) if var == "bias" else g["values"]
+            for key, mk, c in (("plateau", "o", "C0"), ("onset", "s", "C1")):
+                done = [(x, p) for x, p in zip(xs, g[key]) if p]
+                never = [(x, s) for x, p, s in zip(xs, g[key], g["steps"]) if not p]
+                for pts, fill, what in ((done, c, key), (never, "none", f"no {key} end by step")):
+                    if pts:
+                        ax[1, col].scatter(*zip(*pts), marker=mk, facecolors=fill, edgecolors=c, label=what)
+            ax[1, col].set(xlabel=var, ylabel="step", title=f"plateau length vs {var}" +
+                           (f" (slope {g['exponent']:.2f})" if g.get("exponent") is not None else ""))
+            if var != "bias":
+                ax[1, col].set(xscale="log", yscale="log")
+                ax[1, col].minorticks_off()
+                lo, hi = ax[1, col].get_ylim()
+                ticks = [t for t in (m * 10 ** k for k in range(2, 6) for m in (1, 2, 3, 5, 7)) if lo <= t <= hi]
+                ax[1, col].set_yticks(ticks, [str(t) for t in ticks])
+                if var == "batch_size":
+                    ax[1, col].set_xticks(xs, [str(v) for v in xs])
+            else:
+                ax[1, col].set_xticks(xs, g["values"])
+            ax[1, col].legend(fontsize=7)
+    elif name == "learning_curves":
+        sets = sorted({k for v in d.values() for k in v})
+        fig, ax = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.4), squeeze=False)
+        for a, s in zip(ax[0], sets):
+            for rid, curves in d.items():
+                if s in curves:
+                    a.plot(range(1, len(curves[s]) + 1), curves[s], label=rid)
+            a.set(title=s, xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
+            a.axhline(CHANCE, color="k", lw=0.5, ls=":")
+        ax[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("name", choices=list(EXPERIMENTS) + ["all"], help="an experiment, or all of them")
+    p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--out", help="results file (default results/NAME.jsonl, or NAME_gpu.jsonl)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (all experiments share them)")
+    p.add_argument("--plot", action="store_true", help="draw results/NAME.png from the results file")
+    a = p.parse_args(argv)
+    names = list(EXPERIMENTS) if a.name == "all" else [a.name]
+    suffix = "" if a.scale == "cpu" else "_gpu"
+    outs = {n: a.out if a.out and a.name != "all" else os.path.join(HERE, "results", f"{n}{suffix}.jsonl")
+            for n in names}
+    if a.plot:
+        for n in names:
+            print(plot(n, read_records(outs[n]), os.path.splitext(outs[n])[0] + ".png"))
+        return
+    items = []
+    for n in names:
+        runs = EXPERIMENTS[n](a.scale)
+        stop = plateau_stop(dataset_of(dict(flags=runs[0][1]))) if n == "plateaus" else None
+        items += [(n, a.scale, outs[n], os.path.join(HERE, "runs", "exp", n + suffix), p, f, stop)
+                  for p, f in runs]
+    run_all(items, a.jobs)
+
+if __name__ == "__main__":
+    main()
