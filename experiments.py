@@ -213,9 +213,7 @@ def run_one(params, flags, out_dir, stop=None, inprocess=False, python=sys.execu
     os.makedirs(out_dir, exist_ok=True)
     with open(out_dir + ".out", "a") as f:
         def train(extra):
-            return subprocess.Popen(cmd + extra, stdout=f, stderr=subprocess.STDOUT, env=env,  # SIGINT
-                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # is
-        # ignored by jobs a non-interactive shell puts in the background; train.py needs it to stop
+            return subprocess.Popen(cmd + extra, stdout=f, stderr=subprocess.STDOUT, env=env)
         if not os.path.exists(os.path.join(out_dir, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
             proc, stopped, t0 = train(resume), False, time.time()

@@ -81,27 +81,34 @@ def accuracy_per_position(model, x_all, y_all, task_ids, seq_len, batch_size=256
     return torch.cat(correct)
 
 
-def summarize(correct):
+def summarize(correct, task_ids=None):
     """Accuracy curve, accuracy at the last position and the improvement within the sequence
-    (last minus first), each with a 95% confidence interval over sequences."""
+    (last minus first), each with a 95% confidence interval.
+
+    Sequences of one task are not independent (they share its projection and labels), so the
+    intervals are taken over per-task means when task_ids (N,) are given; without them, every
+    sequence counts as its own task."""
     c = correct.float()                                              # (N, T)
-    n = len(c)
     curve = c.mean(0)                                                # (T,)
-    last = curve[-1].item()
-    gain = c[:, -1] - c[:, 0]                                        # (N,)
+    groups = torch.unique(task_ids, return_inverse=True)[1] if task_ids is not None \
+        else torch.arange(len(c), device=c.device)                   # (N,) task index
+    n = int(groups.max()) + 1
+    count = torch.zeros(n, device=c.device).index_add_(0, groups, torch.ones_like(c[:, 0]))
+    per_task = lambda v: torch.zeros(n, device=c.device).index_add_(0, groups, v) / count  # (n,)
+    ci = lambda v: 1.96 * v.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    last, gain = per_task(c[:, -1]), per_task(c[:, -1] - c[:, 0])   # (n,) each
     return {"curve": [round(v, 4) for v in curve.tolist()],
             "first": curve[0].item(),
-            "last": last, "last_ci": 1.96 * math.sqrt(max(last * (1 - last), 1e-12) / n),
-            "improvement": gain.mean().item(),
-            "improvement_ci": 1.96 * gain.std().item() / math.sqrt(n) if n > 1 else float("nan"),
-            "n": n}
+            "last": curve[-1].item(), "last_ci": ci(last),
+            "improvement": gain.mean().item(), "improvement_ci": ci(gain),
+            "n": len(c), "tasks": n}
 
 
 def evaluate(model, sets, seq_len, batch_size=256, ctx=None):
     """{name: summary} for every evaluation set; the model is left in the mode it was in."""
     was_training = model.training
     model.eval()
-    out = {name: summarize(accuracy_per_position(model, *s, seq_len, batch_size, ctx))
+    out = {name: summarize(accuracy_per_position(model, *s, seq_len, batch_size, ctx), s[2])
            for name, s in sets.items()}
     model.train(was_training)
     return out

@@ -219,8 +219,21 @@ def test_summary_statistics():
     s = gpicl.summarize(correct)
     assert s["first"] == 0.25 and s["last"] == 0.75
     assert abs(s["improvement"] - 0.5) < 1e-6
-    assert abs(s["last_ci"] - 1.96 * math.sqrt(0.75 * 0.25 / 400)) < 1e-9
+    last = correct[:, -1].float()
+    assert abs(s["last_ci"] - 1.96 * last.std().item() / math.sqrt(400)) < 1e-6
     assert 0 < s["improvement_ci"] < 0.1
+
+
+def test_confidence_intervals_are_over_tasks_not_sequences():
+    # 4 tasks x 100 sequences: two tasks always right at the end, two never. Over 400
+    # "independent" sequences the interval would be +-0.05; over 4 tasks it is +-0.57.
+    correct = torch.zeros(400, 5, dtype=torch.bool)
+    correct[:200, -1] = True
+    task_ids = torch.arange(4).repeat_interleave(100) * 7 - 3             # any ids, grouped
+    s = gpicl.summarize(correct, task_ids)
+    assert s["last"] == 0.5 and s["tasks"] == 4 and s["n"] == 400
+    assert abs(s["last_ci"] - 1.96 * torch.tensor([1.0, 1, 0, 0]).std().item() / 2) < 1e-6
+    assert abs(s["improvement_ci"] - s["last_ci"]) < 1e-6                 # first is all wrong
 
 
 def test_regimes_follow_seen_and_unseen_improvement():
@@ -291,6 +304,26 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     assert p.returncode == 0, p.stderr
     assert losses(cut) == losses(whole)                                 # bit for bit, no duplicates
     assert [s for s, _ in losses(cut)] == list(range(1, 61))
+
+
+def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
+    # a non-interactive shell starts background jobs with SIGINT ignored; train.py re-arms it
+    out = str(tmp_path / "r")
+    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *TINY, "--steps", "100000",
+                             "--eval-every", "100000", "--out-dir", out], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 0):
+        time.sleep(0.05)                                                 # it is training
+    proc.send_signal(signal.SIGINT)
+    try:
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()                                                      # never left running
+    assert proc.returncode == 130 and "--resume" in stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] >= 50
 
 
 def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):

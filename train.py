@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -335,4 +336,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Ctrl-C (or SIGINT from a sweep) saves a checkpoint, also in background jobs, which
+    # non-interactive shells start with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()
