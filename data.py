@@ -11,7 +11,8 @@ The task id alone fixes A and rho, so `num_tasks` = 2^k is an exact knob, and ta
 never trained on are simply ids that training can never draw (we use negative ids).
 
 Every random number here comes from a counter-based hash of integers: bits = hash(key, counter).
-That makes a task the same on any device, any batch layout and any process, lets a whole batch
+That makes a task the same on any device, any batch layout and any process (the integers
+exactly; the normals up to the last bit of the device's log and cos), lets a whole batch
 of tasks be made in a few batched kernels on the GPU, and makes the batch of step s a pure
 function of (seed, s), so a resumed or distributed run sees exactly the batches it would have
 seen in one piece.
@@ -72,7 +73,7 @@ def random_normal(key, n):
     """n standard normals per key, by Box-Muller on the two 24-bit halves of each word.
 
     On the CPU the words are made in cache-sized pieces (2x faster here); the arithmetic is
-    the same, so the numbers are bit-identical to the GPU's single piece."""
+    the same, so the numbers are bit-identical to those of one single piece."""
     half = (n + 1) // 2
     out = torch.empty(*key.shape, 2 * half, device=key.device)
     piece = half if key.device.type != "cpu" else max(256, 2 ** 18 // max(1, key.numel()))

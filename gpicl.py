@@ -50,7 +50,9 @@ EVAL_SEED = 12345  # evaluation sequences are fixed, and never drawn in meta-tra
 
 
 def seen_task_ids(n_tasks, num_tasks, device):
-    """n_tasks ids from the training range [0, num_tasks), the same every time."""
+    """n_tasks ids from the training range [0, num_tasks), the same every time. Training draws
+    ids uniformly, so these were trained on when num_tasks is small against the number of
+    training sequences; with more tasks (or fresh ones) most were never drawn."""
     bits = data.random_bits(data.hash_key(EVAL_SEED), n_tasks).to(device)
     return data.random_below(bits, num_tasks or 2 ** 62)
 
@@ -188,7 +190,7 @@ def last_position_logits(model, x_ctx, y_ctx, x_query, batch_size=512):
         x = torch.cat([x_ctx.expand(len(xq), n, -1), xq[:, None]], 1)          # (B, n+1, N_x)
         y = F.pad(y_ctx.expand(len(xq), n), (0, 1))     # (B, n+1); the query's label is never read
         out.append(model(make_tokens(x, y))[:, -1].float())                   # (B, 10)
-    return torch.cat(out) if out else torch.zeros(0, data.NUM_CLASSES)
+    return torch.cat(out) if out else x_query.new_zeros(0, data.NUM_CLASSES)
 
 
 class InContextClassifier:
@@ -283,7 +285,8 @@ def knn_predict(x_ctx, y_ctx, x_query, k=1):
 
 def logreg_predict(x_ctx, y_ctx, x_query, l2=1e-2, iters=200):
     """Multinomial logistic regression, full-batch L-BFGS on cross-entropy + l2/2 |W|^2."""
-    W = torch.zeros(x_ctx.shape[1] + 1, int(y_ctx.max()) + 1, requires_grad=True)  # (d+1, k)
+    W = torch.zeros(x_ctx.shape[1] + 1, int(y_ctx.max()) + 1, device=x_ctx.device,
+                    requires_grad=True)                                 # (d+1, k)
     a = F.pad(x_ctx, (0, 1), value=1.0)                                 # (n, d+1), bias column
     opt = torch.optim.LBFGS([W], max_iter=iters, line_search_fn="strong_wolfe")
 

@@ -331,8 +331,8 @@ class VSML(Learner):
 #
 # Each sequence gets its own 2-layer MLP (hidden `width`). At position t it first takes one
 # Adam step (lr 1e-3) on example t-1, whose label has just arrived, then predicts example t.
-# sgd starts every sequence from a fresh random init (fixed per sequence index, so it is
-# deterministic); maml meta-learns one shared init through the unrolled inner loop. The
+# sgd starts every sequence from one fixed random init (so it is deterministic); maml
+# meta-learns that init through the unrolled inner loop. The
 # weights of all sequences are batched tensors (B, ...), so one autograd call steps them all.
 
 class GradientLearner(Learner):
@@ -342,23 +342,25 @@ class GradientLearner(Learner):
     def __init__(self, n_in, n_out, seq_len, width=128, n_layer=None, n_head=None, lr=1e-3):
         super().__init__()
         self.cfg = dict(width=width, n_in=n_in, n_out=n_out)
-        self.n_x, self.n_out, self.width, self.lr = n_in - n_out, n_out, width, lr
+        self.n_x, self.lr = n_in - n_out, lr
         self.shapes = [(self.n_x, width), (width,), (width, n_out), (n_out,)]
         if self.meta_init:
             self.init = nn.ParameterList(nn.Parameter(self.random_init(s)) for s in self.shapes)
 
-    def random_init(self, shape, batch=(), generator=None, device=None):
+    @staticmethod
+    def random_init(shape, generator=None):
         """Weights std 1/sqrt(fan_in) (Haiku's default), biases zero."""
         if len(shape) == 1:
-            return torch.zeros(*batch, *shape, device=device)
-        w = torch.randn(*batch, *shape, generator=generator, device=device)
-        return w.clamp(-2, 2) / shape[0] ** 0.5
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=generator).clamp(-2, 2) / shape[0] ** 0.5
 
     def initial_weights(self, B, device):
         if self.meta_init:
             return [p.expand(B, *p.shape) for p in self.init]
-        g = torch.Generator(device=device).manual_seed(0)
-        return [self.random_init(s, (B,), g, device) for s in self.shapes]
+        # one fixed random init (drawn on the CPU, so the same on every device), shared by every
+        # sequence whatever the batch layout: each sequence still starts from scratch
+        g = torch.Generator().manual_seed(0)
+        return [self.random_init(s, generator=g).to(device).expand(B, *s) for s in self.shapes]
 
     @staticmethod
     def mlp(w, x):                                                   # x (B, N_x) -> (B, 10)
@@ -396,9 +398,8 @@ class GradientLearner(Learner):
         return 3 * (n_x * width + width + width * n_out + n_out)     # weights and Adam's m, v
 
 
-
 class SGD(GradientLearner):
-    meta_init = False
+    pass
 
 
 class MAML(GradientLearner):

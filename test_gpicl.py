@@ -199,6 +199,13 @@ def test_state_size_is_the_state_the_model_carries(kind):
     assert count(2) == 2 * model.state_size(T)                          # and nothing shared
 
 
+def test_sgd_baseline_does_not_depend_on_the_batch_layout():
+    model = models.build("sgd", 26, 10, **models.model_config("sgd", 26, 10)).eval()
+    tokens = torch.randn(8, 10, 26)
+    whole = model(tokens)                                                # (8, 10, 10)
+    assert torch.equal(whole[:1], model(tokens[:1])) and torch.equal(whole[3:5], model(tokens[3:5]))
+
+
 def test_state_size_flag_picks_the_width_or_names_the_nearest():
     assert models.model_config("lstm", 206, 100, state_size=1024)["width"] == 512
     cfg = models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
@@ -276,6 +283,10 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     p = run_train([*TINY, "--steps", "2", "--out-dir", out])
     assert p.returncode == 2 and "--resume" in p.stderr
     assert open(os.path.join(out, "log.jsonl")).read() == before
+    # nor continue it as another run: the meta-batches would not be the ones it trained on
+    p = run_train([*TINY, "--steps", "4", "--seed", "1", "--out-dir", out, "--resume"])
+    assert p.returncode == 2 and "--seed 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert open(os.path.join(out, "log.jsonl")).read() == before
 
 
 def losses(out):
@@ -283,8 +294,10 @@ def losses(out):
             if "loss" in r]
 
 
-def test_killed_run_resumes_with_the_same_losses(tmp_path):
-    args = [*TINY, "--steps", "60", "--log-every", "1", "--ckpt-every", "5", "--eval-every", "1000"]
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: checkpoints fall between loss records
+def test_killed_run_resumes_with_the_same_losses(tmp_path, log_every):
+    args = [*TINY, "--steps", "60", "--log-every", str(log_every), "--ckpt-every", "5",
+            "--eval-every", "1000"]
     whole = str(tmp_path / "whole")
     assert run_train([*args, "--out-dir", whole]).returncode == 0
     # the same run, killed (SIGKILL: no chance to save) after its first checkpoints
@@ -303,7 +316,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path):
     p = run_train([*args, "--out-dir", cut, "--resume"])
     assert p.returncode == 0, p.stderr
     assert losses(cut) == losses(whole)                                 # bit for bit, no duplicates
-    assert [s for s, _ in losses(cut)] == list(range(1, 61))
+    assert [s for s, _ in losses(cut)] == list(range(log_every, 61, log_every))
 
 
 def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):

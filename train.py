@@ -133,8 +133,23 @@ def get_parser():
 
 def save_checkpoint(path, state):
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
+
+
+def write_text(path, text):
+    """Replace a file in one step, so a kill never leaves it half-written."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# What defines the meta-batches of a run: a resumed run must keep them, or it continues another
+RUN_KEYS = ("dataset", "image_size", "seq_len", "num_tasks", "bias", "lookup_steps",
+            "lookup_seq_len", "batch_size", "seed")
 
 
 def lr_at(step, args):
@@ -211,7 +226,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
-    step, elapsed = 0, 0.0
+    step, elapsed, running_loss, last_logged = 0, 0.0, 0.0, 0
     if os.path.exists(ckpt_path) and not args.resume:
         parser.error(f"{args.out_dir} already holds a run; pass --resume to continue it, "
                      "or choose another --out-dir")
@@ -220,17 +235,24 @@ def main(argv=None):
         if ckpt["model_config"] != model_config:
             parser.error(f"--resume: the checkpoint in {args.out_dir} holds a different learner "
                          f"({ckpt['model_config']}); use the flags it was trained with")
+        changed = [f"--{k.replace('_', '-')} {ckpt['config'][k]}" for k in RUN_KEYS
+                   if ckpt["config"][k] != getattr(args, k)]
+        if changed:
+            parser.error(f"--resume: the run in {args.out_dir} was trained with {', '.join(changed)}; "
+                         "resume it with the same flags")
         model.load_state_dict(ckpt["model"])
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
+            for group in optimizer.param_groups:  # the flag wins over the saved value
+                group["eps"] = args.adam_eps
         torch.set_rng_state(ckpt["rng"]["torch"])
         step, elapsed = ckpt["step"], ckpt["elapsed"]
+        running_loss, last_logged = ckpt["running_loss"], ckpt["last_logged"]
     if master:  # the log keeps exactly the records up to the checkpoint being continued
         kept = []
-        if args.resume and os.path.exists(log_path):
-            kept = [l for l in open(log_path) if json.loads(l)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+        if args.resume and os.path.exists(log_path):  # a line cut by a kill has no newline
+            kept = [l for l in open(log_path) if l.endswith("\n") and json.loads(l)["step"] <= step]
+        write_text(log_path, "".join(kept))
 
     if master:
         print(f"learner {args.model} {cfg} | parameters {models.num_params(model):,} | "
@@ -256,6 +278,7 @@ def main(argv=None):
     def checkpoint():
         save_checkpoint(ckpt_path, dict(
             model=raw_model.state_dict(), step=step,
+            running_loss=running.item(), last_logged=last_logged,  # the loss not yet logged
             optimizer=optimizer.state_dict() if optimizer is not None else None,
             elapsed=elapsed, config=vars(args), model_config=model_config,
             rng=dict(torch=torch.get_rng_state())))
@@ -269,7 +292,7 @@ def main(argv=None):
     # --- meta-training
     results = None
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    running, last_logged = torch.zeros((), device=args.device), step
+    running = torch.tensor(running_loss, device=args.device)  # loss summed since last_logged
     t0 = time.time() - elapsed
     try:
         while step < args.steps:
@@ -290,8 +313,8 @@ def main(argv=None):
                 running += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
+            optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             if step % args.log_every == 0 or step == args.steps:  # the only host sync
                 if ddp:
@@ -306,9 +329,12 @@ def main(argv=None):
                                     {"unseen@last": f"{results[f'unseen {args.dataset}']['last']:.3f}"}))
             if master and (step % args.eval_every == 0 or step == args.steps):
                 results = run_eval()
-            if master and (step % args.ckpt_every == 0 or step == args.steps):
-                elapsed = time.time() - t0
-                checkpoint()
+            if step % args.ckpt_every == 0 or step == args.steps:
+                if ddp:  # the average over ranks, so that a resumed run logs the same loss
+                    dist.all_reduce(running, op=dist.ReduceOp.AVG)
+                if master:
+                    elapsed = time.time() - t0
+                    checkpoint()
     except KeyboardInterrupt:
         if master:
             elapsed = time.time() - t0
@@ -327,8 +353,7 @@ def main(argv=None):
                        state_size=raw_model.state_size(args.seq_len),
                        regime=gpicl.regime(results, args.dataset),
                        results={k: {m: v for m, v in r.items() if m != "curve"} for k, r in results.items()})
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
         print(gpicl.format_results(results))
         print(f"regime: {summary['regime']} | {step} steps in {elapsed / 60:.1f} min")
     if ddp:
