@@ -42,20 +42,23 @@ def get_parser():
     p = Parser(description="Time our training step and task generation against plain PyTorch.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), or a torch device")
-    p.add_argument("--batch-size", type=positive_int, help="sequences per step (default: 128 on cuda, 16 on cpu)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="sequences per step (default: 128 on cuda, 16 on cpu)")
     p.add_argument("--image-size", type=positive_int, default=14, help="N_x = image_size^2")
     p.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
     p.add_argument("--width", type=positive_int, default=256, help="d_model")
     p.add_argument("--n-layer", type=positive_int, default=4, help="layers")
     p.add_argument("--n-head", type=positive_int, default=8, help="attention heads")
-    p.add_argument("--num-tasks", type=positive_int, default=2 ** 25, help="task ids are drawn below this")
+    p.add_argument("--num-tasks", type=positive_int, default=2 ** 25,
+                   help="task ids are drawn below this")
     p.add_argument("--steps", type=positive_int, default=3, help="timed calls per repeat")
     p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed calls first (compilation)")
     p.add_argument("--repeats", type=positive_int, default=5, help="repeats; the median is reported")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="the device's peak for MFU (H100 SXM bf16 dense: 989)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int,
+                   help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="also write the results here as JSON")
     return p
 
@@ -159,13 +162,15 @@ def main(argv=None):
         cfg = models.model_config("transformer", n_in, T, args.width, args.n_layer, args.n_head)
     except ValueError as e:
         parser.error(str(e))
-    x_train, y_train = data.load_dataset("mnist", args.image_size, args.device)["train"]  # (N, N_x), (N,)
+    # (N, N_x), (N,)
+    x_train, y_train = data.load_dataset("mnist", args.image_size, args.device)["train"]
     torch.manual_seed(seed)
     ours = models.build("transformer", n_in, data.NUM_CLASSES, **cfg).to(args.device)
     ref = Reference(n_in, data.NUM_CLASSES, T, args.width, args.n_layer, args.n_head)
     ref = ref.copy_from(ours).to(args.device)
+    # (B, T, N_x), (B, T)
     batches = [data.sample_sequences(x_train, y_train, seed, s, torch.arange(B, device=args.device),
-                                     T, args.num_tasks)[:2] for s in range(args.steps)]  # (B, T, N_x), (B, T)
+                                     T, args.num_tasks)[:2] for s in range(args.steps)]
     with torch.no_grad():
         tokens = gpicl.make_tokens(*batches[0])                      # (B, T, N_x + 10)
         same = (ours(tokens) - ref(tokens)).abs().max().item()       # fp32, before autocast
@@ -208,13 +213,15 @@ def main(argv=None):
     for _ in range(args.steps):
         idx = torch.randint(len(y_train), (B, T), generator=g).to(args.device)        # (B, T)
         ids = torch.randint(args.num_tasks, (B,), generator=g).to(args.device)        # (B,)
-        raw.append((x_train[idx], y_train[idx], ids))                                 # (B, T, N_x), (B, T), (B,)
+        # (B, T, N_x), (B, T), (B,)
+        raw.append((x_train[idx], y_train[idx], ids))
     seq_index = torch.arange(B, device=args.device)
     sample = lambda i: data.sample_sequences(x_train, y_train, seed, i, seq_index, T, args.num_tasks)
     tasks, task_times = timed({"ours_sample_sequences": sample,
                                "ours_apply_tasks": lambda i: data.apply_tasks(*raw[i % len(raw)]),
-                               "ref_per_sequence": lambda i: reference_tasks(*raw[i % len(raw)], seed,
-                                                                             args.num_tasks)}, args.steps)
+                               "ref_per_sequence": lambda i: reference_tasks(*raw[i % len(raw)],
+                                                                             seed, args.num_tasks)},
+                              args.steps)
     tasks = {k: 1e3 * v for k, v in tasks.items()}                   # ms per meta-batch
     task_ratio = paired(task_times, "ours_apply_tasks", "ref_per_sequence")
     share = tasks["ours_sample_sequences"] / (tasks["ours_sample_sequences"] + step["ours"]["ms"])
@@ -222,10 +229,12 @@ def main(argv=None):
     # --- report
     threads = f", {torch.get_num_threads()} threads" if not cuda else ""
     print(f"bench | {args.device}{threads}{' | compiled' if args.compile else ''} | transformer "
-          f"d {args.width} x {args.n_layer} layers x {args.n_head} heads, {models.num_params(ours):,} params"
+          f"d {args.width} x {args.n_layer} layers x {args.n_head} heads, "
+          f"{models.num_params(ours):,} params"
           f" | batch {B} x seq {T}, N_x {n_x} | median of {args.repeats} x {args.steps} calls")
     print(f"max |logits ours - ref| at the same weights: {same:.1e}")
-    print(f"{'training step':<24}{'ms':>9}{'seq/s':>9}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}")
+    print(f"{'training step':<24}{'ms':>9}{'seq/s':>9}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+          f"{'peak MiB':>10}")
     for name, label in (("ours", "ours (models.py)"), ("ref", "ref (nn.Transformer)")):
         s = step[name]
         print(f"{label:<24}{s['ms']:9.1f}{s['seq_per_s']:9.1f}{s['tok_per_s']:10.0f}{s['tflops']:9.3f}"

@@ -292,7 +292,8 @@ def read_cifar10(path):
     with tarfile.open(path, "r:gz") as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             name = os.path.basename(member.name)
-            split = "train" if name.startswith("data_batch") else "test" if name == "test_batch" else None
+            split = ("train" if name.startswith("data_batch") else
+                     "test" if name == "test_batch" else None)
             if split:
                 d = pickle.load(tar.extractfile(member), encoding="bytes")
                 x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -348,7 +349,8 @@ def convert(name, paths):
         return dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
     if name == "cifar10":
         d = read_cifar10(paths["cifar-10-python.tar.gz"])
-        return dict(x_train=d["train"][0], y_train=d["train"][1], x_test=d["test"][0], y_test=d["test"][1])
+        return dict(x_train=d["train"][0], y_train=d["train"][1],
+                    x_test=d["test"][0], y_test=d["test"][1])
     (x_tr, y_tr), (x_te, y_te) = (read_svhn(paths[f]) for f in DOWNLOADS[name][1])
     return dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
 
@@ -363,7 +365,8 @@ def fetch_dataset(name, cache_dir=None, base_url=None):
     mirror = os.environ.get("GPICL_MIRROR")  # a mirror serves {mirror}/{name}/{file}
     url = base_url or (f"{mirror.rstrip('/')}/{name}/" if mirror else url)
     try:
-        paths = {f: fetch(url + f, os.path.join(cache_dir, name, f), md5sum) for f, md5sum in files.items()}
+        paths = {f: fetch(url + f, os.path.join(cache_dir, name, f), md5sum)
+                 for f, md5sum in files.items()}
     except OSError as e:  # URLError, timeouts and checksum failures alike
         raise OSError(f"could not fetch {name} ({e}); on a machine with a network run "
                       f"`python data.py fetch {name}` and copy {cache_dir} here") from None
@@ -390,7 +393,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Fetch the datasets that are not shipped.")
     p.add_argument("command", choices=["fetch"])
     p.add_argument("names", nargs="+", choices=list(DOWNLOADS))
-    p.add_argument("--data-dir", default=None, help="cache folder (default: $GPICL_DATA or ~/.cache/gpicl)")
+    p.add_argument("--data-dir", default=None,
+                   help="cache folder (default: $GPICL_DATA or ~/.cache/gpicl)")
     args = p.parse_args()
     for n in args.names:
         try:

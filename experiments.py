@@ -11,8 +11,8 @@ Every run is `train.py` in a subprocess (one CPU thread at the cpu scale) writin
 runs/exp/NAME[_gpu]/RUN_ID; when it finishes, one JSON record goes into the results file: the
 sweep's variables, the flags, summary.json, the loss curve (at most 1,000 points) and the
 evaluations (every eval of training: first, last, improvement; the final one in full, with
-its per-position curves). A run whose id is already in the file is skipped, and an interrupted run is continued
-with --resume, so a sweep is resumable by just running the command again.
+its per-position curves). A run whose id is already in the file is skipped, and an interrupted
+run is continued with --resume, so a sweep is resumable by just running the command again.
 
 Scales. `cpu`: small problems that show each effect qualitatively on 2 cores in well under 30
 min per sweep. The base task at this scale is mostly the paper's Random dataset (10 noise images
@@ -78,7 +78,8 @@ def transitions(scale):
     64/256/1024, 50k steps: 84 runs of ~10-15 min on an H100 (~15-20 GPU hours)."""
     if scale == "cpu":
         tasks, sizes = [1, 4, 16, 64, 256, 4096, None], {"transformer": [16, 64]}
-        extra = CPU + ["--steps", "4000", "--eval-every", "500", "--eval-tasks", "32", "--eval-seqs", "16"]
+        extra = CPU + ["--steps", "4000", "--eval-every", "500", "--eval-tasks", "32",
+                       "--eval-seqs", "16"]
     else:
         tasks = [2 ** k for k in range(0, 25, 2)] + [None]
         sizes, extra = {"transformer": [16, 64, 256], "mlp": [64, 256, 1024]}, GPU
@@ -94,10 +95,12 @@ def state_size(scale):
     lookup plateau outlasts 4,000 steps: every learner stayed at chance), 3,000 steps (7 runs,
     ~12 min on 2 busy cores).
     gpu: MNIST with 2^24 tasks, the same kinds at 4 widths each, 50k steps (16 runs, ~4 GPU h)."""
-    widths = {"transformer": [8, 32], "lstm": [16, 128], "outer_lstm": [4, 16], "fwm": [8]} if scale == "cpu" else \
+    widths = {"transformer": [8, 32], "lstm": [16, 128], "outer_lstm": [4, 16], "fwm": [8]} \
+        if scale == "cpu" else \
         {"transformer": [16, 32, 64, 256], "lstm": [64, 256, 1024, 2048],
          "outer_lstm": [4, 8, 16, 32], "fwm": [8, 16, 32, 64]}
-    extra = CPU + ["--steps", "3000", "--eval-every", "500", "--num-tasks", "fresh", "--batch-size", "128"] \
+    extra = CPU + ["--steps", "3000", "--eval-every", "500", "--num-tasks", "fresh",
+                   "--batch-size", "128"] \
         if scale == "cpu" else GPU + ["--num-tasks", str(2 ** 24)]
     return [(dict(model=m, width=w), extra) for m, ws in widths.items() for w in ws]
 
@@ -120,7 +123,8 @@ def plateaus(scale):
     else:
         batches, eps, bias = [64, 128, 256, 512], [1e-4, 1e-6, 1e-10, 1e-12], [0.05, 0.1, 0.25, 0.5]
         extra = GPU + ["--num-tasks", "fresh", "--eval-every", "500"]
-    runs = [base] + [dict(base, batch_size=b) for b in batches[:2]] + [dict(base, bias=f) for f in bias] + \
+    runs = [base] + [dict(base, batch_size=b) for b in batches[:2]] + \
+        [dict(base, bias=f) for f in bias] + \
         [dict(base, adam_eps=e) for e in eps] + [dict(base, batch_size=b) for b in batches[2:]]
     longer = ["--steps", "10000"] if scale == "cpu" else []  # batch 16's plateau is longer than 6,000
     return [(r, extra + longer * (r["batch_size"] == 16)) for r in runs]
@@ -150,7 +154,8 @@ def learning_curves(scale):
     return [(r, extra) for r in runs]
 
 
-EXPERIMENTS = {f.__name__: f for f in (learning_curves, plateaus, transitions, state_size)}  # longest first
+# longest first
+EXPERIMENTS = {f.__name__: f for f in (learning_curves, plateaus, transitions, state_size)}
 
 # -----------------------------------------------------------------------------
 # The runner: one subprocess of train.py per run, a record per finished run, resumable
@@ -187,7 +192,8 @@ def collect(out_dir):
     strip = lambda res: {k: {m: r[m] for m in ("first", "last", "improvement")} for k, r in res.items()}
     return rounded(dict(summary=json.load(open(os.path.join(out_dir, "summary.json"))),
                         loss=subsample([[r["step"], r["loss"]] for r in log if "loss" in r]),
-                        evals=[dict(step=r["step"], regime=r["regime"], results=strip(r["eval"])) for r in evals],
+                        evals=[dict(step=r["step"], regime=r["regime"], results=strip(r["eval"]))
+                               for r in evals],
                         final=evals[-1]["eval"] if evals else None))
 
 
@@ -220,7 +226,8 @@ def run_one(params, flags, out_dir, stop=None, inprocess=False, python=sys.execu
             log_path = os.path.join(out_dir, "log.jsonl")
             while proc.poll() is None:
                 time.sleep(5)
-                fresh = os.path.exists(log_path) and os.path.getmtime(log_path) > t0 + 1  # this process logs
+                # this process logs
+                fresh = os.path.exists(log_path) and os.path.getmtime(log_path) > t0 + 1
                 if stop is not None and fresh and not stopped and stop(read_log(out_dir)):
                     proc.send_signal(signal.SIGINT)
                     stopped = True
@@ -243,8 +250,8 @@ def run_all(items, jobs=1, inprocess=False):
     def work(it):
         name, scale, out, runs_dir, params, flags, stop = it
         rid, t0 = run_id(params), time.time()
-        part = run_one(params, flags, os.path.join(runs_dir, rid.replace("=", "_").replace(",", "__")), stop,
-                       inprocess)
+        part = run_one(params, flags, os.path.join(runs_dir, rid.replace("=", "_").replace(",", "__")),
+                       stop, inprocess)
         rec = dict(id=rid, experiment=name, scale=scale, params=params, flags=flags, **part,
                    wall_s=round(time.time() - t0, 1))
         with lock:
@@ -268,7 +275,8 @@ def plateau_stop(dataset, margin=300):
     """Stop rule for plateau runs: both the loss plateau and generalisation have ended, and
     `margin` more steps have been logged (so the curves show what comes after)."""
     def stop(log):
-        rec = dict(loss=[[r["step"], r["loss"]] for r in log if "loss" in r], flags=["--dataset", dataset],
+        rec = dict(loss=[[r["step"], r["loss"]] for r in log if "loss" in r],
+                   flags=["--dataset", dataset],
                    evals=[dict(step=r["step"], results=r["eval"]) for r in log if "eval" in r])
         ends = [plateau_length(rec["loss"]), generalisation_onset(rec)] if rec["loss"] else [None]
         return None not in ends and rec["loss"][-1][0] >= max(ends) + margin
@@ -317,7 +325,8 @@ def figure_data(name, records):
         out = {}
         for model in sorted({r["params"]["model"] for r in records}):
             rs = [r for r in records if r["params"]["model"] == model]
-            tasks = sorted({r["params"]["num_tasks"] for r in rs}, key=lambda n: math.inf if n is None else n)
+            tasks = sorted({r["params"]["num_tasks"] for r in rs},
+                           key=lambda n: math.inf if n is None else n)
             widths = sorted({r["params"]["width"] for r in rs})
             at = {(r["params"]["width"], r["params"]["num_tasks"]): r["summary"] for r in rs}
             cell = lambda w, n, f: f(at[w, n]) if (w, n) in at else None
@@ -326,8 +335,10 @@ def figure_data(name, records):
             out[model] = dict(tasks=tasks, widths=widths, regime=grid(lambda s: s["regime"]),
                               seen=grid(lambda s: s["results"][f"seen {base}"]["last"]),
                               unseen=grid(lambda s: s["results"][f"unseen {base}"]["last"]),
-                              improvement={k: grid(lambda s: s["results"][k]["improvement"]) for k in sets},
-                              improvement_ci={k: grid(lambda s: s["results"][k]["improvement_ci"]) for k in sets})
+                              improvement={k: grid(lambda s: s["results"][k]["improvement"])
+                                           for k in sets},
+                              improvement_ci={k: grid(lambda s: s["results"][k]["improvement_ci"])
+                                              for k in sets})
         return out
     if name == "state_size":
         return [dict(model=r["params"]["model"], width=r["params"]["width"],
@@ -340,7 +351,8 @@ def figure_data(name, records):
         base_p = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
         out = {}
         for var in ("batch_size", "adam_eps", "bias"):
-            rs = sorted([r for r in records if all(r["params"][k] == v for k, v in base_p.items() if k != var)],
+            rs = sorted([r for r in records
+                         if all(r["params"][k] == v for k, v in base_p.items() if k != var)],
                         key=lambda r: r["params"][var])
             out[var] = dict(values=[r["params"][var] for r in rs],
                             plateau=[plateau_length(r["loss"]) for r in rs],
@@ -386,7 +398,8 @@ def plot(name, records, path):
             for k, v in g["improvement"].items():
                 i = g["widths"].index(w)
                 row[2].errorbar(x, [math.nan if u is None else u for u in v[i]],
-                                yerr=[0 if u is None else u for u in g["improvement_ci"][k][i]], label=k, marker="o")
+                                yerr=[0 if u is None else u for u in g["improvement_ci"][k][i]],
+                                label=k, marker="o")
             for j, rg in enumerate(g["regime"][g["widths"].index(w)]):
                 row[2].text(j, -0.12, {"instance memorisation": "I", "task memorisation": "T",
                                        "learning-to-learn": "L"}.get(rg, "?"), ha="center", fontsize=8)
@@ -424,14 +437,16 @@ def plot(name, records, path):
                 never = [(x, s) for x, p, s in zip(xs, g[key], g["steps"]) if not p]
                 for pts, fill, what in ((done, c, key), (never, "none", f"no {key} end by step")):
                     if pts:
-                        ax[1, col].scatter(*zip(*pts), marker=mk, facecolors=fill, edgecolors=c, label=what)
+                        ax[1, col].scatter(*zip(*pts), marker=mk, facecolors=fill, edgecolors=c,
+                                           label=what)
             ax[1, col].set(xlabel=var, ylabel="step", title=f"plateau length vs {var}" +
                            (f" (slope {g['exponent']:.2f})" if g.get("exponent") is not None else ""))
             if var != "bias":
                 ax[1, col].set(xscale="log", yscale="log")
                 ax[1, col].minorticks_off()
                 lo, hi = ax[1, col].get_ylim()
-                ticks = [t for t in (m * 10 ** k for k in range(2, 6) for m in (1, 2, 3, 5, 7)) if lo <= t <= hi]
+                ticks = [t for t in (m * 10 ** k for k in range(2, 6) for m in (1, 2, 3, 5, 7))
+                         if lo <= t <= hi]
                 ax[1, col].set_yticks(ticks, [str(t) for t in ticks])
                 if var == "batch_size":
                     ax[1, col].set_xticks(xs, [str(v) for v in xs])
@@ -464,7 +479,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     names = list(EXPERIMENTS) if a.name == "all" else [a.name]
     suffix = "" if a.scale == "cpu" else "_gpu"
-    outs = {n: a.out if a.out and a.name != "all" else os.path.join(HERE, "results", f"{n}{suffix}.jsonl")
+    outs = {n: a.out if a.out and a.name != "all" else
+            os.path.join(HERE, "results", f"{n}{suffix}.jsonl")
             for n in names}
     if a.plot:
         for n in names:

@@ -176,7 +176,8 @@ def check_matrix(X, name="X", width=None):
     if width is not None and X.shape[1] != width:
         raise ValueError(f"{name} has {X.shape[1]} features but the context rows have {width}")
     if not np.isfinite(X).all():
-        raise ValueError(f"{name} holds NaN or infinite values (row {np.argwhere(~np.isfinite(X))[0, 0]})")
+        row = np.argwhere(~np.isfinite(X))[0, 0]
+        raise ValueError(f"{name} holds NaN or infinite values (row {row})")
     return X
 
 

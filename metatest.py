@@ -105,15 +105,17 @@ def table1(checkpoints, n_tasks=32, seqs_per_task=32, out_dir=".", device="cpu")
         rows.append({"checkpoint": path, "learner": ckpt["model_config"]["kind"],
                      "meta_trained_on": cfg["dataset"], "image_size": cfg["image_size"],
                      "seq_len": cfg["seq_len"], "step": ckpt["step"], "accuracy_pct": cells})
-    cell = lambda c: (f"missing — {c['missing']}" if "missing" in c else f"{c['acc']:.2f} ± {c['ci']:.2f}")
+    cell = lambda c: (f"missing — {c['missing']}" if "missing" in c else
+                      f"{c['acc']:.2f} ± {c['ci']:.2f}")
     md = ["| learner | " + " | ".join(TABLE1) + " |", "|---" * (len(TABLE1) + 1) + "|"]
     md += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + " | – |"
            for name, vals in PAPER_TABLE1.items()]
     md += [f"| {r['checkpoint']} ({r['learner']}, {r['meta_trained_on']} {r['image_size']}x"
-           f"{r['image_size']}, @{r['seq_len']}) | " + " | ".join(cell(c) for c in r["accuracy_pct"].values())
-           + " |" for r in rows]
+           f"{r['image_size']}, @{r['seq_len']}) | "
+           + " | ".join(cell(c) for c in r["accuracy_pct"].values()) + " |" for r in rows]
     md = "\n".join(md) + (f"\n\nAccuracy (%) at the last example on {n_tasks} unseen tasks x "
-                          f"{seqs_per_task} sequences, ± 95% CI; paper rows: Kirsch et al. 2022, Table 1.\n")
+                          f"{seqs_per_task} sequences, ± 95% CI; "
+                          f"paper rows: Kirsch et al. 2022, Table 1.\n")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table1.md"), "w") as f:
         f.write(md)
@@ -225,7 +227,8 @@ def main(argv=None):
                 p.error("--context must be >= 2 and --context + --queries <= 1797 (UCI digits' rows)")
             res = compare_on_uci_digits(args.ckpt, args.splits, args.context, args.queries,
                                         args.members, device=args.device)
-            print(f"UCI digits, {args.context} context rows, {args.queries} queries, {args.splits} splits")
+            print(f"UCI digits, {args.context} context rows, {args.queries} queries, "
+                  f"{args.splits} splits")
             for name, (m, ci) in res.items():
                 print(f"{name:<44} {m:.3f} ± {ci:.3f}")
         else:

@@ -95,7 +95,8 @@ def test_labels_are_permuted_per_task_as_classes():
     # every class goes to every label about equally often: no fixed or shared permutation
     counts = torch.zeros(10, 10)
     counts.index_put_((torch.arange(10).repeat(2000), P.flatten()), torch.ones(20000), accumulate=True)
-    assert (counts - 200).abs().max() < 60                               # ~4.3 sigma of Binomial(2000, .1)
+    # ~4.3 sigma of Binomial(2000, .1)
+    assert (counts - 200).abs().max() < 60
     # relabelling is by class: examples of one class get one label, which is rho(class)
     y = torch.tensor([[3, 3, 1, 3, 1, 0]] * 2)
     x = torch.zeros(2, 6, 4)
@@ -270,7 +271,8 @@ def run_train(args, timeout=300, **kw):
     ["--eval-datasets", "imagenet"], ["--image-size", "x"],
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, tmp_path):
-    p = run_train([*TINY, "--steps", "1", "--out-dir", str(tmp_path / "r"), *flags])  # a flag wrongly accepted trains 1 step
+    # a flag wrongly accepted trains 1 step
+    p = run_train([*TINY, "--steps", "1", "--out-dir", str(tmp_path / "r"), *flags])
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in p.stderr, p.stderr
@@ -358,8 +360,8 @@ def test_meta_training_learns_in_context_on_unseen_tasks(tmp_path):
     p = run_train(["--dataset", "random", "--image-size", "4", "--seq-len", "10", "--num-tasks", "fresh",
                    "--model", "transformer", "--width", "32", "--n-layer", "2", "--n-head", "2",
                    "--batch-size", "64", "--lr", "3e-3", "--steps", "2000", "--eval-every", "2000",
-                   "--eval-tasks", "16", "--eval-seqs", "32", "--eval-datasets", "", "--log-every", "500",
-                   "--threads", "1", "--out-dir", str(out)], timeout=900)
+                   "--eval-tasks", "16", "--eval-seqs", "32", "--eval-datasets", "",
+                   "--log-every", "500", "--threads", "1", "--out-dir", str(out)], timeout=900)
     assert p.returncode == 0, p.stderr
     r = [json.loads(l) for l in open(out / "log.jsonl") if "eval" in l][-1]["eval"]["unseen random"]
     # a lookup learner is right when the query appeared before: at position t with probability
@@ -400,7 +402,8 @@ def mat_v5(arrays):
     classes = {np.uint8: (9, 2), np.float64: (6, 9)}                  # (mx class, mi type)
     def el(kind, data):
         return struct.pack("<II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
-    out = b"MATLAB 5.0 MAT-file, written by test_gpicl".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    out = (b"MATLAB 5.0 MAT-file, written by test_gpicl".ljust(116) + b"\0" * 8 +
+           struct.pack("<H", 0x0100) + b"IM")
     for name, a in arrays.items():
         mx, mi = classes[a.dtype.type]
         body = (el(6, struct.pack("<II", mx, 0)) + el(5, struct.pack(f"<{a.ndim}i", *a.shape)) +
@@ -844,15 +847,19 @@ EXP_TINY = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image
 def test_sweep_writes_one_record_per_run_and_skips_finished_ones(tmp_path):
     out, runs_dir = str(tmp_path / "r.jsonl"), str(tmp_path / "runs")
     runs = [(dict(model="transformer", width=8, n_head=2, num_tasks=n), EXP_TINY) for n in (1, None)]
-    ran = experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True)  # train.main, no torch start-up
+    # train.main, no torch start-up
+    ran = experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True)
     assert sorted(ran) == sorted(experiments.run_id(p) for p, _ in runs)
     recs = experiments.read_records(out)
-    assert [r["id"] for r in recs if r["params"]["num_tasks"] is None] == ["model=transformer,width=8,n_head=2,num_tasks=fresh"]
+    assert [r["id"] for r in recs if r["params"]["num_tasks"] is None] == \
+        ["model=transformer,width=8,n_head=2,num_tasks=fresh"]
     for r in recs:
         assert r["summary"]["step"] == 3 and [s for s, _ in r["loss"]] == [1, 2, 3]
-        assert set(r["final"]) == {"seen random", "unseen random"} and len(r["final"]["seen random"]["curve"]) == 4
+        assert set(r["final"]) == {"seen random", "unseen random"} and \
+            len(r["final"]["seen random"]["curve"]) == 4
         assert r["evals"][-1]["step"] == 3 and "curve" not in r["evals"][-1]["results"]["seen random"]
-    assert experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True) == []  # resumable: nothing to do
+    # resumable: nothing to do
+    assert experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True) == []
     assert len(experiments.read_records(out)) == 2
 
 
@@ -863,30 +870,35 @@ def curve(plateau_end, n=200, every=20, low=1.0, high=math.log(10)):
 
 
 def test_plateau_rule():
-    assert experiments.plateau_length(curve(2000)) == 2000                       # a plateau of known length
-    assert experiments.plateau_length(curve(None)) is None                       # never escapes
-    assert experiments.plateau_length(curve(0)) == 20                            # no plateau: first record
+    assert experiments.plateau_length(curve(2000)) == 2000          # a plateau of known length
+    assert experiments.plateau_length(curve(None)) is None          # never escapes
+    assert experiments.plateau_length(curve(0)) == 20               # no plateau: first record
     spiky = curve(None)
-    spiky[50][1] = 2.0                                                 # one low record is noise,
-    assert experiments.plateau_length(spiky) is None                             # not an escape (window 5)
-    slow = [[s, math.log(10) - 0.99e-4 * s] for s in range(20, 4001, 20)]  # a steady slide: the
-    assert experiments.plateau_length(slow) == 1060     # trailing mean (steps 980..1060, mean 1020) is the first 0.1 below
+    spiky[50][1] = 2.0                                              # one low record is noise,
+    assert experiments.plateau_length(spiky) is None                # not an escape (window 5)
+    # a steady slide: the trailing mean (steps 980..1060, mean 1020) is the first 0.1 below
+    slow = [[s, math.log(10) - 0.99e-4 * s] for s in range(20, 4001, 20)]
+    assert experiments.plateau_length(slow) == 1060
 
 
 def record(params, plateau_end, steps=4000, unseen_last=0.5, onset=None):
     res = {k: dict(first=0.1, last=unseen_last if k.startswith("unseen") else 0.9, last_ci=0.01,
                    improvement=unseen_last - 0.1, improvement_ci=0.02, n=64, curve=[0.1, unseen_last])
            for k in ("seen random", "unseen random", "unseen mnist")}
-    evals = [dict(step=s, regime="x", results={k: dict(v, last=0.1 if onset is None or s < onset else v["last"])
-                                               for k, v in res.items()}) for s in range(200, steps + 1, 200)]
-    return dict(id=experiments.run_id(params), params=params, flags=["--dataset", "random"], loss=curve(plateau_end),
-                evals=evals, final=res, summary=dict(step=steps, regime="learning-to-learn", state_size=100,
-                                                     parameters=1000, results=res))
+    evals = [dict(step=s, regime="x",
+                  results={k: dict(v, last=0.1 if onset is None or s < onset else v["last"])
+                           for k, v in res.items()})
+             for s in range(200, steps + 1, 200)]
+    return dict(id=experiments.run_id(params), params=params, flags=["--dataset", "random"],
+                loss=curve(plateau_end), evals=evals, final=res,
+                summary=dict(step=steps, regime="learning-to-learn", state_size=100,
+                             parameters=1000, results=res))
 
 
 def test_plateau_figure_data_fits_the_power_law():
     base = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
-    recs = [record(dict(base, batch_size=b), 20 * round(8000 * b ** -0.5 / 20), onset=2000) for b in (8, 32, 128)]
+    recs = [record(dict(base, batch_size=b), 20 * round(8000 * b ** -0.5 / 20), onset=2000)
+            for b in (8, 32, 128)]
     recs += [record(dict(base, adam_eps=1e-3), None), record(dict(base, bias=0.25), 200, onset=1400)]
     d = experiments.figure_data("plateaus", recs)
     assert d["batch_size"]["values"] == [8, 32, 128]
@@ -896,7 +908,8 @@ def test_plateau_figure_data_fits_the_power_law():
 
 
 def test_transition_figure_data_is_a_grid():
-    recs = [record(dict(model="transformer", width=w, num_tasks=n), 200, unseen_last=0.1 + (n is None) * w / 100)
+    recs = [record(dict(model="transformer", width=w, num_tasks=n), 200,
+                   unseen_last=0.1 + (n is None) * w / 100)
             for w in (16, 64) for n in (None, 4, 1)]
     d = experiments.figure_data("transitions", recs[:-1])                        # one cell missing
     g = d["transformer"]
@@ -911,7 +924,8 @@ def test_figures_draw(name, tmp_path):
     base = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
     recs = {"plateaus": [record(dict(base, batch_size=b), 1000 // b * 20) for b in (16, 32)] +
                         [record(dict(base, bias=0.5), None)],
-            "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200) for w in (8, 16) for n in (1, None)],
+            "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200)
+                            for w in (8, 16) for n in (1, None)],
             "state_size": [record(dict(model=m, width=8), 200) for m in ("lstm", "transformer")],
             "learning_curves": [record(dict(model="sgd"), 200)]}[name]
     path = experiments.plot(name, recs, str(tmp_path / f"{name}.png"))
@@ -922,11 +936,13 @@ def test_plateau_stop_rule_waits_for_both_ends_and_the_margin():
     stop = experiments.plateau_stop("random", margin=300)
     rec = record(dict(batch_size=32), 2000, steps=4000, onset=2400)
     log = lambda upto: ([dict(step=s, loss=l) for s, l in rec["loss"] if s <= upto] +
-                        [dict(step=e["step"], eval=e["results"]) for e in rec["evals"] if e["step"] <= upto])
+                        [dict(step=e["step"], eval=e["results"]) for e in rec["evals"]
+                         if e["step"] <= upto])
     assert not stop(log(2200))          # the loss has escaped, unseen accuracy not yet
     assert not stop(log(2680))          # both have, but only 280 steps ago
     assert stop(log(2700))
     never = record(dict(batch_size=32), 2000, steps=4000, onset=None)
-    never["evals"] = [dict(e, results={k: dict(v, last=0.1) for k, v in e["results"].items()}) for e in never["evals"]]
+    never["evals"] = [dict(e, results={k: dict(v, last=0.1) for k, v in e["results"].items()})
+                      for e in never["evals"]]
     assert not stop([dict(step=s, loss=l) for s, l in never["loss"]] +
                     [dict(step=e["step"], eval=e["results"]) for e in never["evals"]])

@@ -118,13 +118,15 @@ def get_parser():
     g.add_argument("--eval-datasets", default="uci_digits,random",
                    help="comma-separated other datasets to meta-test on (unseen tasks)")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between loss records")
-    g.add_argument("--ckpt-every", type=positive_int, help="steps between checkpoints (default: --eval-every)")
+    g.add_argument("--ckpt-every", type=positive_int,
+                   help="steps between checkpoints (default: --eval-every)")
     g.add_argument("--out-dir", default="runs/default", help="where the log, checkpoint and summary go")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--compile", action="store_true", help="torch.compile the learner")
-    g.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=positive_int,
+                   help="CPU threads for torch (default: torch's choice)")
     return p
 
 
@@ -189,7 +191,8 @@ def main(argv=None):
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
         parser.error(f"--batch-size {args.batch_size} does not split into {world} processes x "
-                     f"{args.grad_accum} accumulation steps; make it a multiple of {world * args.grad_accum}")
+                     f"{args.grad_accum} accumulation steps; "
+                     f"make it a multiple of {world * args.grad_accum}")
     if device_type == "cuda":  # TF32 matmuls and bf16 autocast: the fast path on recent GPUs
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -205,7 +208,8 @@ def main(argv=None):
     lookup = None
     if args.lookup_steps:
         if args.lookup_seq_len > args.seq_len:
-            parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than --seq-len {args.seq_len}")
+            parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than "
+                         f"--seq-len {args.seq_len}")
         lookup = data.load_dataset("random", args.image_size, args.device)["train"]
 
     # --- the learner
@@ -352,7 +356,8 @@ def main(argv=None):
                        parameters=models.num_params(raw_model),
                        state_size=raw_model.state_size(args.seq_len),
                        regime=gpicl.regime(results, args.dataset),
-                       results={k: {m: v for m, v in r.items() if m != "curve"} for k, r in results.items()})
+                       results={k: {m: v for m, v in r.items() if m != "curve"}
+                                for k, r in results.items()})
         write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
         print(gpicl.format_results(results))
         print(f"regime: {summary['regime']} | {step} steps in {elapsed / 60:.1f} min")
