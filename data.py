@@ -69,22 +69,38 @@ def random_bits(key, n):
     return _mix64(key[..., None] + counter)
 
 
+def _mix64_(z, tmp):
+    """_mix64 in place, with a scratch tensor: the same numbers, no allocations."""
+    for shift, mult in ((30, C1), (27, C2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=tmp).bitwise_and_(2 ** (64 - shift) - 1)
+        z.bitwise_xor_(tmp)
+        if mult is not None:
+            z.mul_(mult)
+    return z
+
+
 def random_normal(key, n):
     """n standard normals per key, by Box-Muller on the two 24-bit halves of each word.
 
+    This is the hot loop of task generation (N_x^2 normals per task), so it works in place.
     On the CPU the words are made in cache-sized pieces (2x faster here); the arithmetic is
     the same, so the numbers are bit-identical to those of one single piece."""
     half = (n + 1) // 2
     out = torch.empty(*key.shape, 2 * half, device=key.device)
-    piece = half if key.device.type != "cpu" else max(256, 2 ** 18 // max(1, key.numel()))
+    piece = half if key.device.type != "cpu" else max(64, 2 ** 16 // max(1, key.numel()))
+    counter = torch.arange(half, device=key.device) * GOLDEN        # wraps, as splitmix64 intends
     for c0 in range(0, half, piece):
         c1 = min(half, c0 + piece)
-        bits = _mix64(key[..., None] + torch.arange(c0, c1, device=key.device) * GOLDEN)
-        u1 = (((bits >> 40) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24    # in (0, 1), never 0
-        u2 = (((bits >> 8) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24
-        r, theta = torch.sqrt(-2.0 * torch.log(u1)), 2.0 * torch.pi * u2
+        bits = key[..., None] + counter[c0:c1]                       # (..., piece)
+        tmp = torch.empty_like(bits)
+        _mix64_(bits, tmp)
+        # r = sqrt(-2 ln u1), theta = 2 pi u2, with u = (24 random bits + 0.5) / 2^24 in (0, 1)
+        r = torch.bitwise_right_shift(bits, 40, out=tmp).bitwise_and_(0xFFFFFF).float()
+        r.add_(0.5).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_()
+        theta = bits.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).float()
+        theta.add_(0.5).mul_(2.0 ** -24).mul_(2.0 * torch.pi)
         torch.mul(r, torch.cos(theta), out=out[..., c0:c1])
-        torch.mul(r, torch.sin(theta), out=out[..., half + c0:half + c1])
+        torch.mul(r, theta.sin_(), out=out[..., half + c0:half + c1])
     return out[..., :n]
 
 

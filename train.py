@@ -12,6 +12,7 @@ exactly where its last checkpoint left it: the meta-batch of step s is a pure fu
 (seed, s), so the losses are the ones an uninterrupted run would have had.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -185,7 +186,10 @@ def main(argv=None):
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+        # only rank 0 evaluates while the others wait in the next all-reduce: a long evaluation
+        # (VSML, MAML, large --eval-*) must not trip the default 10-minute collective timeout
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     master = rank == 0
     device_type = torch.device(args.device).type
     micro = args.batch_size // (world * args.grad_accum)
