@@ -99,7 +99,7 @@ def random_normal(key, n):
         r.add_(0.5).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_()
         theta = bits.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).float()
         theta.add_(0.5).mul_(2.0 ** -24).mul_(2.0 * torch.pi)
-        torch.mul(r, torch.cos(theta), out=out[..., c0:c1])
+        torch.cos(theta, out=out[..., c0:c1]).mul_(r)
         torch.mul(r, theta.sin_(), out=out[..., half + c0:half + c1])
     return out[..., :n]
 
@@ -118,7 +118,7 @@ STREAM_PROJECTION, STREAM_PERMUTATION, STREAM_SEQUENCE = 1, 2, 3
 def task_projection(task_ids, n_x):
     """A for each id: (B,) -> (B, N_x, N_x), entries N(0, 1/N_x), so |A x| ~ |x|."""
     z = random_normal(hash_key(task_ids, STREAM_PROJECTION), n_x * n_x)  # (B, N_x^2)
-    return z.view(-1, n_x, n_x) / n_x ** 0.5
+    return z.view(-1, n_x, n_x).div_(n_x ** 0.5)
 
 
 def task_permutation(task_ids):

@@ -45,6 +45,32 @@ def test_int64_multiplication_wraps():
     assert (torch.tensor([-1]) * data.GOLDEN).item() == -data.GOLDEN
 
 
+def splitmix64(key, i):
+    """The generator data.py implements with torch int64 ops, in Python integers."""
+    mask = 2 ** 64 - 1
+    z = (key + i * data.GOLDEN) & mask
+    for shift, mult in ((30, data.C1), (27, data.C2), (31, 1)):
+        z = ((z ^ (z >> shift)) * mult) & mask
+    return z
+
+
+def test_counter_based_normals_match_a_plain_python_splitmix64():
+    # pins the generator: a change would silently change every task (and the shipped checkpoint's)
+    n = 784 * 784                                        # several of the CPU's cache-sized pieces
+    for ids in (torch.tensor([-3]), torch.tensor([0, 2 ** 40, -7])):
+        keys = data.hash_key(ids, data.STREAM_PROJECTION)
+        z = data.random_normal(keys, n)                                  # (B, n)
+        for b, key in enumerate(keys.tolist()):
+            for i in (0, 1, 4097, 70001, n // 2 - 1):                    # words across pieces
+                w = splitmix64(key & (2 ** 64 - 1), i)
+                assert data.random_bits(keys[b:b + 1], i + 1)[0, i].item() & (2 ** 64 - 1) == w
+                u1, u2 = [((w >> s & 0xFFFFFF) + 0.5) * 2.0 ** -24 for s in (40, 8)]
+                r = math.sqrt(-2 * math.log(u1))
+                for j, v in ((i, r * math.cos(2 * math.pi * u2)),
+                             (n // 2 + i, r * math.sin(2 * math.pi * u2))):
+                    assert abs(z[b, j].item() - v) < 1e-5 * max(1, abs(v)), (b, j)
+
+
 def test_projection_entries_have_variance_one_over_n_x():
     for n_x in (49, 196):
         A = data.task_projection(torch.arange(64), n_x)                  # (64, N_x, N_x)
