@@ -79,12 +79,40 @@ def _mix64_(z, tmp):
     return z
 
 
-def random_normal(key, n):
-    """n standard normals per key, by Box-Muller on the two 24-bit halves of each word.
+def box_muller(bits):
+    """Two standard normals from each 64-bit word, one from each of its 24-bit halves:
+    (..., k) int64 -> (..., 2k), the k cosine normals then the k sine normals."""
+    u1 = (((bits >> 40) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24     # in (0, 1), never 0
+    u2 = (((bits >> 8) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24
+    r, theta = torch.sqrt(-2.0 * torch.log(u1)), 2.0 * torch.pi * u2
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
 
-    This is the hot loop of task generation (N_x^2 normals per task), so it works in place.
-    On the CPU the words are made in cache-sized pieces (2x faster here); the arithmetic is
-    the same, so the numbers are bit-identical to those of one single piece."""
+
+def _fused_normal(key, n):
+    return box_muller(_mix64(key[..., None] + torch.arange((n + 1) // 2, device=key.device)
+                             * GOLDEN))[..., :n]
+
+
+_compiled_normal = None  # set by compile_task_generation()
+
+
+def compile_task_generation():
+    """torch.compile the normals into one kernel (train.py and bench.py --compile). A pass per
+    op over N_x^2 numbers per task is what makes task generation costly at 28x28, on a GPU
+    most of all. The integer words stay bit-identical; the compiled log/cos may round the
+    normals differently in the last bit, as two devices do (a test bounds it)."""
+    global _compiled_normal
+    _compiled_normal = torch.compile(_fused_normal, dynamic=True)
+
+
+def random_normal(key, n):
+    """n standard normals per key: (...,) int64 -> (..., n), box_muller of words 0..n/2 of key.
+
+    This is the hot loop of task generation (N_x^2 normals per task), so in eager mode it is
+    box_muller done in place. On the CPU the words are made in cache-sized pieces (2x faster
+    here); the arithmetic is the same, so the numbers are bit-identical to box_muller's."""
+    if _compiled_normal is not None:
+        return _compiled_normal(key, n)
     half = (n + 1) // 2
     out = torch.empty(*key.shape, 2 * half, device=key.device)
     piece = half if key.device.type != "cpu" else max(64, 2 ** 16 // max(1, key.numel()))
@@ -94,7 +122,7 @@ def random_normal(key, n):
         bits = key[..., None] + counter[c0:c1]                       # (..., piece)
         tmp = torch.empty_like(bits)
         _mix64_(bits, tmp)
-        # r = sqrt(-2 ln u1), theta = 2 pi u2, with u = (24 random bits + 0.5) / 2^24 in (0, 1)
+        # box_muller, op by op
         r = torch.bitwise_right_shift(bits, 40, out=tmp).bitwise_and_(0xFFFFFF).float()
         r.add_(0.5).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_()
         theta = bits.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).float()

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -69,6 +70,28 @@ def test_counter_based_normals_match_a_plain_python_splitmix64():
                 for j, v in ((i, r * math.cos(2 * math.pi * u2)),
                              (n // 2 + i, r * math.sin(2 * math.pi * u2))):
                     assert abs(z[b, j].item() - v) < 1e-5 * max(1, abs(v)), (b, j)
+
+
+def test_in_place_normals_are_box_muller_bit_for_bit():
+    keys = data.hash_key(torch.tensor([1, -2, 3, 2 ** 50]), data.STREAM_PROJECTION)
+    for n in (1, 49, 196 * 196):                          # odd, and over several pieces
+        words = data.random_bits(keys, (n + 1) // 2)
+        assert torch.equal(data.random_normal(keys, n), data.box_muller(words)[:, :n])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_task_generation_matches_eager(monkeypatch):
+    monkeypatch.setattr(data, "_compiled_normal", None)           # restored after the test
+    sets = [torch.tensor([0, -1, 2 ** 40]), torch.arange(5)]        # two batch sizes, as train/eval
+    eager = [data.task_projection(ids, 49) for ids in sets]
+    data.compile_task_generation()
+    assert data._compiled_normal is not None
+    for ids, a in zip(sets, eager):
+        b = data.task_projection(ids, 49)
+        assert b.shape == a.shape
+        # the same words; the compiled log/cos may differ from eager's in the last bit
+        assert (a - b).abs().max().item() < 1e-5, (a - b).abs().max()     # a different word: ~0.1
 
 
 def test_projection_entries_have_variance_one_over_n_x():

@@ -125,7 +125,7 @@ def get_parser():
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    g.add_argument("--compile", action="store_true", help="torch.compile the learner")
+    g.add_argument("--compile", action="store_true", help="torch.compile the learner and task generation")
     g.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch (default: torch's choice)")
     return p
@@ -273,6 +273,7 @@ def main(argv=None):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
+        data.compile_task_generation()
     if ddp and args.steps:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
