@@ -19,11 +19,13 @@ inputs, timed as the median over --repeats repeats of --steps calls each (warm-u
    is what one writes first, one seeded torch.Generator per sequence. Reported: the ratio, and
    the share of a training step that making the meta-batch costs: sample / (sample + step).
    The batched hash is built for the GPU, where the reference pays a host round trip and a few
-   small launches per sequence; on a CPU, torch's Mersenne Twister randn is the faster of the two.
+   small launches per sequence; on one CPU thread, torch's Mersenne Twister randn is faster than
+   our op-by-op eager hash, and slower than its --compile'd, fused form.
 """
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -35,7 +37,7 @@ import torch.nn as nn
 import data
 import gpicl
 import models
-from train import Parser, nonneg_int, positive_float, positive_int
+from train import MAX_TASKS, Parser, check_device, nonneg_int, positive_float, positive_int, typed
 
 
 def get_parser():
@@ -49,7 +51,8 @@ def get_parser():
     p.add_argument("--width", type=positive_int, default=256, help="d_model")
     p.add_argument("--n-layer", type=positive_int, default=4, help="layers")
     p.add_argument("--n-head", type=positive_int, default=8, help="attention heads")
-    p.add_argument("--num-tasks", type=positive_int, default=2 ** 25,
+    p.add_argument("--num-tasks", default=2 ** 25,
+                   type=typed(int, lambda v: 0 < v <= MAX_TASKS, "a number of tasks in [1, 2**62]"),
                    help="task ids are drawn below this")
     p.add_argument("--steps", type=positive_int, default=3, help="timed calls per repeat")
     p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed calls first (compilation)")
@@ -126,11 +129,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device_type = torch.device(args.device).type
-        torch.empty(1, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
+    check_device(parser, args.device)
+    device_type = torch.device(args.device).type
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out {args.out}: its folder does not exist")
     cuda = device_type == "cuda"
     B = args.batch_size or (128 if cuda else 16)
     T, n_x, seed = args.seq_len, args.image_size ** 2, 0

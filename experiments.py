@@ -32,7 +32,6 @@ drawn as an open marker at the run's length). Because a biased batch lowers the 
 memorising its fixed task, plateau runs also report the generalisation onset: the first
 evaluation where the unseen-task accuracy at the last position is above chance + 0.1.
 """
-import argparse
 import json
 import math
 import os
@@ -42,6 +41,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from train import Parser, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WINDOW, DELTA, CHANCE = 5, 0.1, 0.1
@@ -470,11 +471,12 @@ def plot(name, records, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = Parser(description=__doc__.split("\n")[1])
     p.add_argument("name", choices=list(EXPERIMENTS) + ["all"], help="an experiment, or all of them")
     p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--out", help="results file (default results/NAME.jsonl, or NAME_gpu.jsonl)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (all experiments share them)")
+    p.add_argument("--jobs", type=positive_int, default=2,
+                   help="runs at a time (all experiments share them)")
     p.add_argument("--plot", action="store_true", help="draw results/NAME.png from the results file")
     a = p.parse_args(argv)
     names = list(EXPERIMENTS) if a.name == "all" else [a.name]
@@ -484,7 +486,10 @@ def main(argv=None):
             for n in names}
     if a.plot:
         for n in names:
-            print(plot(n, read_records(outs[n]), os.path.splitext(outs[n])[0] + ".png"))
+            records = read_records(outs[n])
+            if not records:
+                p.error(f"no results in {outs[n]} yet; run `python experiments.py {n}` first")
+            print(plot(n, records, os.path.splitext(outs[n])[0] + ".png"))
         return
     items = []
     for n in names:

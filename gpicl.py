@@ -50,9 +50,12 @@ EVAL_SEED = 12345  # evaluation sequences are fixed, and never drawn in meta-tra
 
 
 def seen_task_ids(n_tasks, num_tasks, device):
-    """n_tasks ids from the training range [0, num_tasks), the same every time. Training draws
-    ids uniformly, so these were trained on when num_tasks is small against the number of
-    training sequences; with more tasks (or fresh ones) most were never drawn."""
+    """n_tasks ids from the training range [0, num_tasks), the same every time: every training
+    task in turn when there are no more than n_tasks, else a random draw. Training draws ids
+    uniformly, so these were trained on when num_tasks is small against the number of training
+    sequences; with more tasks (or fresh ones) most were never drawn."""
+    if num_tasks is not None and num_tasks <= n_tasks:
+        return torch.arange(n_tasks, device=device) % num_tasks
     bits = data.random_bits(data.hash_key(EVAL_SEED), n_tasks).to(device)
     return data.random_below(bits, num_tasks or 2 ** 62)
 
@@ -88,12 +91,16 @@ def summarize(correct, task_ids=None):
     (last minus first), each with a 95% confidence interval.
 
     Sequences of one task are not independent (they share its projection and labels), so the
-    intervals are taken over per-task means when task_ids (N,) are given; without them, every
-    sequence counts as its own task."""
+    intervals are taken over per-task means when task_ids (N,) are given; without them, or when
+    all sequences are of one task (a single training task: no other task to generalise to),
+    every sequence counts as its own group."""
     c = correct.float()                                              # (N, T)
     curve = c.mean(0)                                                # (T,)
     groups = torch.unique(task_ids, return_inverse=True)[1] if task_ids is not None \
         else torch.arange(len(c), device=c.device)                   # (N,) task index
+    tasks = int(groups.max()) + 1
+    if tasks == 1:
+        groups = torch.arange(len(c), device=c.device)
     n = int(groups.max()) + 1
     count = torch.zeros(n, device=c.device).index_add_(0, groups, torch.ones_like(c[:, 0]))
     per_task = lambda v: torch.zeros(n, device=c.device).index_add_(0, groups, v) / count  # (n,)
@@ -103,7 +110,7 @@ def summarize(correct, task_ids=None):
             "first": curve[0].item(),
             "last": curve[-1].item(), "last_ci": ci(last),
             "improvement": gain.mean().item(), "improvement_ci": ci(gain),
-            "n": len(c), "tasks": n}
+            "n": len(c), "tasks": tasks}
 
 
 def evaluate(model, sets, seq_len, batch_size=256, ctx=None):

@@ -19,7 +19,7 @@ import torch
 
 import data
 import gpicl
-from train import Parser, positive_int
+from train import Parser, check_device, positive_int, seed_int
 
 # -----------------------------------------------------------------------------
 # UCI digits: the learner on a table of numbers vs the way it was trained, and the baselines
@@ -136,6 +136,8 @@ def read_table(path, label, columns=None):
             header, *body = [r for r in csv.reader(f) if r]
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text CSV file (UTF-8)") from None
     except ValueError:
         raise ValueError(f"{path} is empty") from None
     if columns is None and label not in header:
@@ -196,7 +198,7 @@ def main(argv=None):
     c.add_argument("--k", type=positive_int, default=1, help="neighbours of the kNN baseline")
     c.add_argument("--members", type=positive_int, default=32, help="ensemble members")
     c.add_argument("--normalize", choices=["column", "global"], default="column")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_int, default=0)
     u = sub.add_parser("uci", help="UCI digits: the learner vs kNN and logistic regression")
     u.add_argument("--ckpt", required=True)
     u.add_argument("--splits", type=positive_int, default=50)
@@ -211,6 +213,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_device(p, args.device)
     for path in getattr(args, "ckpts", None) or [args.ckpt]:
         if not os.path.isfile(path):
             p.error(f"checkpoint {path} does not exist")

@@ -32,6 +32,7 @@ import data
 import experiments
 import gpicl
 import models
+import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -281,6 +282,20 @@ def test_summary_statistics():
     assert 0 < s["improvement_ci"] < 0.1
 
 
+def test_one_training_task_is_evaluated_over_its_sequences():
+    # with num_tasks 1 the seen set is that task; the interval is over its sequences (no NaN),
+    # so "task memorisation" can be recognised
+    ids = gpicl.seen_task_ids(32, 1, "cpu")
+    assert ids.tolist() == [0] * 32
+    assert gpicl.seen_task_ids(6, 4, "cpu").tolist() == [0, 1, 2, 3, 0, 1]      # every task
+    correct = torch.zeros(64, 10, dtype=torch.bool)
+    correct[:48, -1] = True                                                # 0.75 at the end
+    s = gpicl.summarize(correct, torch.zeros(64, dtype=torch.long))
+    assert s["tasks"] == 1 and math.isfinite(s["last_ci"]) and 0 < s["last_ci"] < 0.15
+    res = {"seen mnist": s, "unseen mnist": gpicl.summarize(correct[:, :1].repeat(1, 10))}
+    assert gpicl.regime(res) == "task memorisation"
+
+
 def test_confidence_intervals_are_over_tasks_not_sequences():
     # 4 tasks x 100 sequences: two tasks always right at the end, two never. Over 400
     # "independent" sequences the interval would be +-0.05; over 4 tasks it is +-0.57.
@@ -317,7 +332,9 @@ def run_train(args, timeout=300, **kw):
     ["--num-tasks", "0"], ["--num-tasks", "lots"], ["--num-tasks", "2**-3"], ["--bias", "1.5"],
     ["--lr", "-1"], ["--lr", "nan"], ["--steps", "0"], ["--model", "gru"],
     ["--model", "transformer", "--state-size", "1001"], ["--batch-size", "7", "--grad-accum", "2"],
-    ["--eval-datasets", "imagenet"], ["--image-size", "x"],
+    ["--eval-datasets", "imagenet"], ["--image-size", "x"], ["--num-tasks", "2**70"],
+    ["--seed", "99999999999999999999"], ["--device", "foo"], ["--device", "cuda:99"],
+    ["--out-dir", "/dev/null/run"],
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, tmp_path):
     # a flag wrongly accepted trains 1 step
@@ -343,6 +360,16 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
 def losses(out):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "log.jsonl")))
             if "loss" in r]
+
+
+def test_resume_from_weights_only_is_one_line(tmp_path):
+    out = tmp_path / "r"
+    assert run_train([*TINY, "--steps", "1", "--out-dir", str(out)]).returncode == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, out / "ckpt.pt")
+    p = run_train([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
+    assert p.returncode == 2 and "weights only" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("log_every", [1, 4])  # 4: checkpoints fall between loss records
@@ -388,6 +415,27 @@ def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
         proc.kill()                                                      # never left running
     assert proc.returncode == 130 and "--resume" in stdout
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] >= 50
+
+
+def test_ctrl_c_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypatch):
+    args = [*TINY, "--steps", "6", "--log-every", "2", "--eval-every", "1000"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    train.main([*args, "--out-dir", whole])
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_interrupt(*a, **k):  # Ctrl-C inside step 3: its loss is summed, Adam not run
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return clip(*a, **k)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_interrupt)
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*args, "--out-dir", cut])
+    assert stopped.value.code == 130
+    assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    train.main([*args, "--out-dir", cut, "--resume"])
+    assert losses(cut) == losses(whole)                       # step 3 counted once, whole
 
 
 def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
@@ -645,7 +693,8 @@ def test_bench_runs_and_reports_consistent_numbers(tmp_path):
     assert "ratio ours/ref" in p.stdout and "share of a step" in p.stdout
 
 
-@pytest.mark.parametrize("flags", [["--repeats", "0"], ["--width", "30"], ["--device", "nonsense"]])
+@pytest.mark.parametrize("flags", [["--repeats", "0"], ["--width", "30"], ["--device", "nonsense"],
+                                   ["--out", "/nonexistent/bench.json"], ["--num-tasks", "2**63"]])
 def test_bench_bad_flags_give_one_line_and_exit_2(flags):
     p = subprocess.run([PY, os.path.join(HERE, "bench.py"), *flags], capture_output=True, text=True,
                        cwd=HERE, timeout=60)
@@ -840,14 +889,18 @@ def test_csv_command_prints_accuracies_and_writes_predictions(tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", "cannot read"), ("label", "no column 'label'"), ("text", "'x' is not a number")])
+    ("missing", "cannot read"), ("label", "no column 'label'"), ("text", "'x' is not a number"),
+    ("binary", "not a text CSV"), ("device", "--device foo")])
 def test_csv_command_errors_are_one_line_exit_2(tmp_path, case, message):
     good = write_csv(tmp_path / "good.csv", ["f1", "label"], [["1", "a"], ["2", "b"]])
+    (tmp_path / "binary.csv").write_bytes(b"f1,label\n\xff\xfe\x00,a\n")
     bad = {"missing": str(tmp_path / "nope.csv"),
            "label": write_csv(tmp_path / "nolabel.csv", ["f1", "y"], [["1", "a"], ["2", "b"]]),
-           "text": write_csv(tmp_path / "text.csv", ["f1", "label"], [["1", "a"], ["x", "b"]])}[case]
-    p = run_metatest(["csv", "--ckpt", TRAINED, "--train", bad, "--test", good, "--label", "label",
-                   "--out", str(tmp_path / "p.csv")])
+           "text": write_csv(tmp_path / "text.csv", ["f1", "label"], [["1", "a"], ["x", "b"]]),
+           "binary": str(tmp_path / "binary.csv"), "device": good}[case]
+    device = ["--device", "foo"] if case == "device" else []
+    p = run_metatest([*device, "csv", "--ckpt", TRAINED, "--train", bad, "--test", good,
+                      "--label", "label", "--out", str(tmp_path / "p.csv")])
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
@@ -965,6 +1018,13 @@ def test_transition_figure_data_is_a_grid():
     assert g["tasks"] == [1, 4, None] and g["widths"] == [16, 64]     # fresh sorts last
     assert g["unseen"][1] == [None, 0.1, pytest.approx(0.74)]
     assert set(g["improvement"]) == {"seen random", "unseen random", "unseen mnist"}
+
+
+def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["transitions", "--plot", "--out", str(tmp_path / "none.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "run `python experiments.py transitions`" in err[0]
 
 
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -51,9 +52,13 @@ def typed(kind, test, what):
 
 
 positive_int = typed(int, lambda v: v > 0, "a positive integer")
+seed_int = typed(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")  # it goes into int64
 nonneg_int = typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+MAX_TASKS = 2 ** 62  # task ids are drawn from 62 random bits (data.random_below)
 
 
 def num_tasks_type(s):
@@ -62,13 +67,13 @@ def num_tasks_type(s):
         return None
     base, sep, exp = s.replace("^", "**").partition("**")
     try:
-        n = int(base) ** int(exp) if sep else int(s)
+        n = int(base) ** min(int(exp), 64) if sep else int(s)  # 2**10**9 would take forever
     except ValueError:
         n = 0
-    if n < 1:
+    if not 1 <= n <= MAX_TASKS:
         raise argparse.ArgumentTypeError(
-            f"{s!r} is not a number of tasks; give a positive integer like 65536 or 2**16, "
-            "or 'fresh' for a new task every sequence")
+            f"{s!r} is not a number of tasks; give an integer from 1 to 2**62 like 65536 or "
+            "2**16, or 'fresh' for a new task every sequence")
     return n
 
 
@@ -111,7 +116,7 @@ def get_parser():
     g.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="learning rate after warm-up: constant, or cosine decay to 10%%")
     g.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clip")
-    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the meta-batches and init")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of the meta-batches and init")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=positive_int, default=1000, help="steps between evaluations")
     g.add_argument("--eval-tasks", type=positive_int, default=32, help="seen and unseen tasks evaluated")
@@ -125,7 +130,8 @@ def get_parser():
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    g.add_argument("--compile", action="store_true", help="torch.compile the learner and task generation")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the learner and task generation")
     g.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch (default: torch's choice)")
     return p
@@ -151,6 +157,14 @@ def write_text(path, text):
 
 
 # What defines the meta-batches of a run: a resumed run must keep them, or it continues another
+def check_device(parser, device):
+    """One line, not a traceback, for a device name torch does not know or cannot use here."""
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        parser.error(f"--device {device}: {(str(e).splitlines() or ['unusable'])[0]}")
+
+
 RUN_KEYS = ("dataset", "image_size", "seq_len", "num_tasks", "bias", "lookup_steps",
             "lookup_seq_len", "batch_size", "seed")
 
@@ -191,6 +205,7 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(hours=2))
     master = rank == 0
+    check_device(parser, args.device)
     device_type = torch.device(args.device).type
     micro = args.batch_size // (world * args.grad_accum)
     if micro * world * args.grad_accum != args.batch_size:
@@ -231,7 +246,10 @@ def main(argv=None):
     if optimizer is None:  # sgd learns inside each sequence only: nothing to meta-train
         args.steps = 0
 
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out-dir {args.out_dir}: {e.strerror}")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
     step, elapsed, running_loss, last_logged = 0, 0.0, 0.0, 0
@@ -248,12 +266,15 @@ def main(argv=None):
         if changed:
             parser.error(f"--resume: the run in {args.out_dir} was trained with {', '.join(changed)}; "
                          "resume it with the same flags")
+        if (optimizer is not None and ckpt.get("optimizer") is None) or "rng" not in ckpt:
+            parser.error(f"--resume: {ckpt_path} holds the learner's weights only, not a run to "
+                         "continue; evaluate it with metatest.py, or meta-train in a new --out-dir")
         model.load_state_dict(ckpt["model"])
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
             for group in optimizer.param_groups:  # the flag wins over the saved value
                 group["eps"] = args.adam_eps
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
         step, elapsed = ckpt["step"], ckpt["elapsed"]
         running_loss, last_logged = ckpt["running_loss"], ckpt["last_logged"]
     if master:  # the log keeps exactly the records up to the checkpoint being continued
@@ -298,13 +319,30 @@ def main(argv=None):
                  regime=gpicl.regime(results, args.dataset)))
         return results
 
+    # Ctrl-C (or a sweep's SIGINT) stops at the end of the step, so that the checkpoint holds
+    # whole steps and the resumed run is exact; a second one stops at once, saving nothing.
+    # Under torchrun every rank gets it; they agree at the next loss record's all-reduce.
+    stop = []
+
+    def request_stop(signum, frame):
+        if stop:
+            print("\nstopped at once; the last checkpoint is the one to --resume", file=sys.stderr)
+            raise SystemExit(130)
+        stop.append(signum)
+        if master:
+            print("\nstopping after this step (Ctrl-C again: at once, without saving)",
+                  file=sys.stderr)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    old_handler = signal.signal(signal.SIGINT, request_stop) if main_thread else None
+
     # --- meta-training
-    results = None
+    results, stopping = None, False
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     running = torch.tensor(running_loss, device=args.device)  # loss summed since last_logged
     t0 = time.time() - elapsed
     try:
-        while step < args.steps:
+        while step < args.steps and not stopping:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
             for m in range(args.grad_accum):
@@ -325,9 +363,13 @@ def main(argv=None):
             step += 1
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
+            stopping = bool(stop) and not ddp
             if step % args.log_every == 0 or step == args.steps:  # the only host sync
                 if ddp:
                     dist.all_reduce(running, op=dist.ReduceOp.AVG)
+                    asked = torch.tensor(float(bool(stop)), device=args.device)
+                    dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+                    stopping = asked.item() > 0
                 mean_loss = running.item() / (step - last_logged)
                 running.zero_()
                 last_logged = step
@@ -338,20 +380,22 @@ def main(argv=None):
                                     {"unseen@last": f"{results[f'unseen {args.dataset}']['last']:.3f}"}))
             if master and (step % args.eval_every == 0 or step == args.steps):
                 results = run_eval()
-            if step % args.ckpt_every == 0 or step == args.steps:
+            if step % args.ckpt_every == 0 or step == args.steps or stopping:
                 if ddp:  # the average over ranks, so that a resumed run logs the same loss
                     dist.all_reduce(running, op=dist.ReduceOp.AVG)
                 if master:
                     elapsed = time.time() - t0
                     checkpoint()
-    except KeyboardInterrupt:
-        if master:
-            elapsed = time.time() - t0
-            checkpoint()
-            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume")
-        sys.exit(130)
     finally:
         bar.close()
+        if main_thread and old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    if stopping and step < args.steps:
+        if master:
+            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(130)
 
     if master:
         results = results or run_eval()
@@ -371,7 +415,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Ctrl-C (or SIGINT from a sweep) saves a checkpoint, also in background jobs, which
-    # non-interactive shells start with SIGINT ignored
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()
