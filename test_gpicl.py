@@ -661,6 +661,33 @@ def test_two_processes_under_torchrun_train_like_one(tmp_path):
         assert lb == pytest.approx(la, rel=1e-5), (a, b)
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path):
+    # torchrun passes SIGINT on to the ranks; each may get it in a different step, so they agree
+    # at the next loss record (an all-reduce): one checkpoint, no rank left waiting for the other
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "r"
+    run = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *DDP_TINY, "--log-every", "10", "--eval-every", "100000"]
+    proc = subprocess.Popen([*run, "--steps", "100000", "--out-dir", str(out)], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and
+                                          (out / "log.jsonl").stat().st_size > 0):
+        time.sleep(0.05)                                                 # both ranks train
+    proc.send_signal(signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert output.count("interrupted at step") == 1, output[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] % 10 == 0 and ckpt["last_logged"] == ckpt["step"] and ckpt["step"] >= 10
+    p = subprocess.run([*run, "--steps", str(ckpt["step"] + 10), "--out-dir", str(out), "--resume"],
+                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert [s for s, _ in losses(out)] == list(range(10, ckpt["step"] + 11, 10))
+
+
 # -----------------------------------------------------------------------------
 # The benchmark (bench.py): runs at tiny sizes, and its numbers hang together
 

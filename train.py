@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -178,7 +178,37 @@ def lr_at(step, args):
     return args.lr
 
 
+@contextmanager
+def stop_on_ctrl_c():
+    """Within it, Ctrl-C (SIGINT, also a sweep's) appends to the yielded list instead of raising:
+    meta-training stops at the end of its step, so the checkpoint holds whole steps and the
+    resumed run is exact. A second Ctrl-C exits at once, saving nothing."""
+    stop = []
+
+    def request(signum, frame):
+        if stop:
+            print("\nstopped at once; the last checkpoint is the one to --resume", file=sys.stderr)
+            raise SystemExit(130)
+        stop.append(signum)
+        if os.environ.get("RANK", "0") == "0":
+            print("\nstopping after this step (Ctrl-C again: at once, without saving)",
+                  file=sys.stderr)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    old = signal.signal(signal.SIGINT, request) if main_thread else None
+    try:
+        yield stop
+    finally:
+        if main_thread and old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
 def main(argv=None):
+    with stop_on_ctrl_c() as stop:
+        meta_train(argv, stop)
+
+
+def meta_train(argv, stop):
     parser = get_parser()
     args = parser.parse_args(argv)
     args.ckpt_every = args.ckpt_every or args.eval_every
@@ -319,24 +349,8 @@ def main(argv=None):
                  regime=gpicl.regime(results, args.dataset)))
         return results
 
-    # Ctrl-C (or a sweep's SIGINT) stops at the end of the step, so that the checkpoint holds
-    # whole steps and the resumed run is exact; a second one stops at once, saving nothing.
-    # Under torchrun every rank gets it; they agree at the next loss record's all-reduce.
-    stop = []
-
-    def request_stop(signum, frame):
-        if stop:
-            print("\nstopped at once; the last checkpoint is the one to --resume", file=sys.stderr)
-            raise SystemExit(130)
-        stop.append(signum)
-        if master:
-            print("\nstopping after this step (Ctrl-C again: at once, without saving)",
-                  file=sys.stderr)
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signals need it
-    old_handler = signal.signal(signal.SIGINT, request_stop) if main_thread else None
-
-    # --- meta-training
+    # --- meta-training (a Ctrl-C is in `stop`; under torchrun every rank gets one, and they
+    # agree on it at the next loss record's all-reduce)
     results, stopping = None, False
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     running = torch.tensor(running_loss, device=args.device)  # loss summed since last_logged
@@ -388,8 +402,6 @@ def main(argv=None):
                     checkpoint()
     finally:
         bar.close()
-        if main_thread and old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
     if stopping and step < args.steps:
         if master:
             print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume")
