@@ -88,9 +88,8 @@ def box_muller(bits):
     return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
 
 
-def _fused_normal(key, n):
-    return box_muller(_mix64(key[..., None] + torch.arange((n + 1) // 2, device=key.device)
-                             * GOLDEN))[..., :n]
+def _fused_normal(key, n):  # random_normal as one expression, for torch.compile to fuse
+    return box_muller(random_bits(key, (n + 1) // 2))[..., :n]
 
 
 _compiled_normal = None  # set by compile_task_generation()
