@@ -156,7 +156,6 @@ def write_text(path, text):
     os.replace(path + ".tmp", path)
 
 
-# What defines the meta-batches of a run: a resumed run must keep them, or it continues another
 def check_device(parser, device):
     """One line, not a traceback, for a device name torch does not know or cannot use here."""
     try:
@@ -165,6 +164,7 @@ def check_device(parser, device):
         parser.error(f"--device {device}: {(str(e).splitlines() or ['unusable'])[0]}")
 
 
+# What defines the meta-batches of a run: a resumed run must keep them, or it continues another
 RUN_KEYS = ("dataset", "image_size", "seq_len", "num_tasks", "bias", "lookup_steps",
             "lookup_seq_len", "batch_size", "seed")
 
