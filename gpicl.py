@@ -86,6 +86,12 @@ def accuracy_per_position(model, x_all, y_all, task_ids, seq_len, batch_size=256
     return torch.cat(correct)
 
 
+def ci95(values):
+    """Half-width of the 95% normal interval for the mean of values (1-D); NaN for one value."""
+    n = len(values)
+    return 1.96 * values.std().item() / math.sqrt(n) if n > 1 else float("nan")
+
+
 def summarize(correct, task_ids=None):
     """Accuracy curve, accuracy at the last position and the improvement within the sequence
     (last minus first), each with a 95% confidence interval.
@@ -104,12 +110,11 @@ def summarize(correct, task_ids=None):
     n = int(groups.max()) + 1
     count = torch.zeros(n, device=c.device).index_add_(0, groups, torch.ones_like(c[:, 0]))
     per_task = lambda v: torch.zeros(n, device=c.device).index_add_(0, groups, v) / count  # (n,)
-    ci = lambda v: 1.96 * v.std().item() / math.sqrt(n) if n > 1 else float("nan")
     last, gain = per_task(c[:, -1]), per_task(c[:, -1] - c[:, 0])   # (n,) each
     return {"curve": [round(v, 4) for v in curve.tolist()],
             "first": curve[0].item(),
-            "last": curve[-1].item(), "last_ci": ci(last),
-            "improvement": gain.mean().item(), "improvement_ci": ci(gain),
+            "last": curve[-1].item(), "last_ci": ci95(last),
+            "improvement": gain.mean().item(), "improvement_ci": ci95(gain),
             "n": len(c), "tasks": tasks}
 
 

@@ -11,7 +11,6 @@ kept apart so gpicl.py stays the meta-learning logic, readable in one sitting.
 """
 import csv
 import json
-import math
 import os
 
 import numpy as np
@@ -37,6 +36,8 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
     X = images.reshape(len(y), -1) * 16                              # (1797, 64) values 0..16
     model, ckpt = gpicl.load_learner(checkpoint, device)
     tasks = data.unseen_task_ids(splits * members).view(splits, members)
+    classifiers = {(norm, m): gpicl.InContextClassifier(checkpoint, device, 0, m, norm)
+                   for norm, m in (("column", 1), ("column", members), ("global", members))}
     acc = {}
     add = lambda name, pred: acc.setdefault(name, []).append((pred.cpu() == y[q]).float().mean().item())
     for s in range(splits):
@@ -53,8 +54,8 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
             if j == 0:
                 add("GPICL image path, 1 task", proba.argmax(1))
         add(f"GPICL image path, {members} tasks", proba.argmax(1))
-        for norm, m in (("column", 1), ("column", members), ("global", members)):
-            clf = gpicl.InContextClassifier(checkpoint, device, seed * 100003 + s, m, norm)
+        for (norm, m), clf in classifiers.items():
+            clf.seed = seed * 100003 + s                            # a fresh ensemble per split
             clf.fit(X[c], y[c])
             add(f"GPICL table path, {norm} z-norm, {m} member{'s' * (m > 1)}",
                 torch.as_tensor(clf.predict(X[q])))
@@ -64,8 +65,8 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
                     add(f"kNN k={k}, {norm} z-norm", gpicl.knn_predict(clf.x_ctx, clf.y_ctx, x_q, k))
                 add(f"logistic regression, {norm} z-norm",
                     gpicl.logreg_predict(clf.x_ctx, clf.y_ctx, x_q))
-    ci = lambda a: 1.96 * np.std(a, ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan")
-    return {name: (float(np.mean(a)), ci(a)) for name, a in acc.items()}
+    return {name: (float(np.mean(a)), gpicl.ci95(torch.tensor(a, dtype=torch.float64)))
+            for name, a in acc.items()}
 
 
 # -----------------------------------------------------------------------------
