@@ -157,12 +157,21 @@ def task_permutation(task_ids):
     return bits.argsort(dim=-1, stable=True)
 
 
-def apply_tasks(x, y, task_ids):
+IDENTITY_TASK = -2 ** 63  # the base dataset as it is: no projection, no relabelling (never drawn)
+
+
+def apply_tasks(x, y, task_ids, permute=None):
     """Project the inputs and relabel the classes of each sequence by its task.
-    x (B, T, N_x), y (B, T), task_ids (B,) -> the same shapes."""
-    A = task_projection(task_ids, x.shape[-1])               # (B, N_x, N_x)
-    x = torch.bmm(x, A.transpose(1, 2))                      # (B, T, N_x), row t is A x_t
-    y = torch.gather(task_permutation(task_ids), 1, y)       # (B, T), rho(y_t)
+    x (B, T, N_x), y (B, T), task_ids (B,) -> the same shapes. permute (B,) bool: where False
+    the labels keep the identity permutation while the projection stays the task's (the bias)."""
+    identity = task_ids == IDENTITY_TASK                                 # (B,)
+    A = task_projection(task_ids, x.shape[-1])                           # (B, N_x, N_x)
+    A = torch.where(identity[:, None, None], torch.eye(x.shape[-1], device=x.device), A)
+    x = torch.bmm(x, A.transpose(1, 2))                                  # (B, T, N_x), row t is A x_t
+    keep = identity if permute is None else identity | ~permute          # (B,) identity labels
+    rho = task_permutation(task_ids)                                     # (B, 10)
+    rho = torch.where(keep[:, None], torch.arange(NUM_CLASSES, device=rho.device), rho)
+    y = torch.gather(rho, 1, y)                                          # (B, T), rho(y_t)
     return x, y
 
 
@@ -174,33 +183,92 @@ def unseen_task_ids(n, device="cpu"):
 # -----------------------------------------------------------------------------
 # 3. Sequences: which task and which examples, a pure function of (seed, step, sequence index)
 
+STREAM_TASK, STREAM_RANDOM_IMAGES = 4, 5
+
+
+def draw_examples(key, seq_len, n):
+    """seq_len indices into a dataset of n examples per key: (B,) -> (B, T), without replacement
+    as the authors' shuffled stream (data.py, `ds.repeat().shuffle(...).batch(sequence_length)`).
+
+    The first T distinct values of 2T uniform draws are a uniform draw without replacement; with
+    n >= 2T there are T distinct among 2T draws all but always (n = 60,000, T = 100: 0.3 repeats
+    expected among the 2T). A dataset smaller than that (the Random dataset's 10 images) is
+    drawn with replacement, as it must be."""
+    if n < 2 * seq_len:
+        return random_below(random_bits(key, seq_len), n)
+    draws = random_below(random_bits(key, 2 * seq_len), n)                 # (B, 2T)
+    value, order = draws.sort(dim=-1, stable=True)         # equal values: the earliest comes first
+    repeat = torch.zeros_like(draws, dtype=torch.bool)
+    repeat.scatter_(1, order[:, 1:], value[:, 1:] == value[:, :-1])       # (B, 2T) seen before
+    first = repeat.to(torch.uint8).argsort(dim=-1, stable=True)[:, :seq_len]  # distinct, in order
+    return draws.gather(1, first)                                         # (B, T)
+
+
+class RandomImages:
+    """The paper's Random dataset as the authors make it (data.py, RandomDataset): for every task,
+    10 new images of uniform noise at the target size, one per label. It stands where a dataset's
+    inputs x_all (N, N_x) stand; `examples` draws the images of each sequence's own task."""
+
+    def __init__(self, n_x, device="cpu"):
+        self.n_x, self.device = n_x, torch.device(device)
+
+    def __len__(self):
+        return NUM_CLASSES
+
+    def to(self, device):
+        return RandomImages(self.n_x, device)
+
+    def images(self, task_ids):
+        """(B,) -> (B, 10, N_x): uniform(0, 1) pixels, z-normalised with the uniform's own mean
+        1/2 and std 1/sqrt(12) (the authors z-normalise each batch, which comes to the same)."""
+        bits = random_bits(hash_key(task_ids, STREAM_RANDOM_IMAGES).to(self.device),
+                           NUM_CLASSES * self.n_x)
+        u = ((bits >> 40) & 0xFFFFFF).float().add_(0.5).mul_(2.0 ** -24)  # (B, 10 N_x) in (0, 1)
+        return ((u - 0.5) * 12 ** 0.5).view(-1, NUM_CLASSES, self.n_x)
+
+
+def examples(x_all, idx, task_ids):
+    """The inputs of each sequence: x_all (N, N_x), idx (B, T) -> (B, T, N_x)."""
+    if isinstance(x_all, RandomImages):
+        return torch.gather(x_all.images(task_ids), 1, idx[..., None].expand(-1, -1, x_all.n_x))
+    return x_all[idx]
+
+
 def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bias=0.0,
-                     batch_size=None):
+                     batch_size=None, seqs_per_task=1, bias_task=0.0):
     """Build one meta-batch on the device of x_all, with no host round trip.
 
     x_all (N, N_x), y_all (N,): a preprocessed split. seq_index (B,): the global index of each
     sequence in the meta-batch, so the same sequence comes out whatever the batch is split into
-    (ranks, gradient-accumulation steps). num_tasks None draws a fresh task for every sequence.
-    bias F: the first round(F * batch_size) sequences of every meta-batch use the fixed task 0
-    (the paper's "biasing the data distribution").
+    (ranks, gradient-accumulation steps). num_tasks None draws fresh tasks.
+
+    Task slots (the authors' `task_sample_size` x `train_batch_size`): sequences
+    seqs_per_task * s ... seqs_per_task * (s + 1) - 1 share slot s, and so one task.
+    bias F: the first round(F * slots) slots of every meta-batch keep the identity label
+    permutation, their projections random (the paper's "fixed permutation for a fraction of each
+    batch"; the authors' `permute_labels_prob` = 1 - F, drawn per slot there, exact here).
+    bias_task F: the last round(F * slots) slots use the fixed task 0, projection and labels (the
+    authors' other knob, `project_prob` = 1 - F).
     Returns x (B, T, N_x) float, y (B, T) long, task_ids (B,).
     """
-    bits = random_bits(hash_key(seed, step, seq_index, STREAM_SEQUENCE), seq_len + 1)  # (B, T+1)
-    task_ids = random_below(bits[:, 0], num_tasks or 2 ** 62)                        # (B,)
-    if bias > 0:
-        fixed = seq_index < round(bias * (batch_size or len(seq_index)))
+    slot = seq_index // seqs_per_task                                               # (B,)
+    slots = -(-(batch_size or len(seq_index)) // seqs_per_task)
+    task_bits = random_bits(hash_key(seed, step, slot, STREAM_TASK), 1)[:, 0]      # (B,)
+    task_ids = random_below(task_bits, num_tasks or 2 ** 62)                        # (B,)
+    if bias_task > 0:
+        fixed = slot >= slots - round(bias_task * slots)
         task_ids = torch.where(fixed, torch.zeros_like(task_ids), task_ids)
-    idx = random_below(bits[:, 1:], len(y_all))                                     # (B, T)
-    x, y = x_all[idx], y_all[idx]
-    return (*apply_tasks(x, y, task_ids), task_ids)
+    permute = slot >= round(bias * slots)                                           # (B,)
+    idx = draw_examples(hash_key(seed, step, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
+    x, y = examples(x_all, idx, task_ids), y_all[idx]                               # (B, T, N_x), (B, T)
+    return (*apply_tasks(x, y, task_ids, permute), task_ids)
 
 
 def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0):
     """Sequences of given tasks, for evaluation: task_ids, seq_index (B,) -> x (B, T, N_x),
     y (B, T). Sequence seq_index of the set is the same however the set is batched."""
-    bits = random_bits(hash_key(seed, task_ids, seq_index, STREAM_SEQUENCE), seq_len)
-    idx = random_below(bits, len(y_all))                                             # (B, T)
-    return apply_tasks(x_all[idx], y_all[idx], task_ids)
+    idx = draw_examples(hash_key(seed, task_ids, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
+    return apply_tasks(examples(x_all, idx, task_ids), y_all[idx], task_ids)
 
 
 # -----------------------------------------------------------------------------
@@ -209,24 +277,26 @@ def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0):
 # "Each dataset is z-normalized by its mean and standard deviation across all examples and
 # pixels." We take both statistics from the training split, after resizing.
 
-def to_inputs(images, image_size, stats=None):
-    """uint8 or float images (N, H, W) or (N, H, W, 3) in [0, 1] or 0..255 -> (N, image_size^2)."""
+def to_inputs(images, image_size, stats=None, channels=1):
+    """uint8 or float images (N, H, W) or (N, H, W, 3) in [0, 1] or 0..255 -> (N, N_x).
+
+    channels 1 (ours, the default): RGB becomes grayscale (ITU-R 601 luma), N_x = size^2.
+    channels 3 (the authors' `channel_expand`, data.py `_process`): grayscale is tiled to three
+    channels and RGB kept, N_x = 3 size^2, so one learner reads MNIST and CIFAR-10 alike."""
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    if x.ndim == 4:  # RGB -> grayscale with the ITU-R 601 luma weights
-        x = x @ torch.tensor([0.299, 0.587, 0.114])
-    x = x[:, None]                                                   # (N, 1, H, W)
+    if x.ndim == 3:
+        x = x[..., None]                                             # (N, H, W, 1)
+    if channels == 1 and x.shape[-1] == 3:
+        x = x @ torch.tensor([0.299, 0.587, 0.114])[:, None]        # (N, H, W, 1)
+    elif channels == 3 and x.shape[-1] == 1:
+        x = x.expand(-1, -1, -1, 3)                                  # (N, H, W, 3)
+    x = x.permute(0, 3, 1, 2)                                        # (N, C, H, W)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
                           antialias=True, align_corners=False)
-    x = x.flatten(1)                                                 # (N, N_x)
+    x = x.permute(0, 2, 3, 1).flatten(1)                             # (N, N_x), channels last
     mean, std = stats if stats is not None else (x.mean().item(), x.std().item())
     return (x - mean) / std, (mean, std)
-
-
-def random_images(seed=0):
-    """The paper's Random dataset: 10 uniform-noise images, one per label."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(NUM_CLASSES, 28, 28, generator=g), np.arange(NUM_CLASSES)
 
 
 def load_raw(name, cache_dir=None):
@@ -238,9 +308,6 @@ def load_raw(name, cache_dir=None):
         d = np.load(os.path.join(SHIPPED, "uci_digits.npz"))
         both = (d["x"].astype(np.float32) / 16.0, d["y"])
         return {"train": both, "test": both}
-    if name == "random":
-        both = random_images()
-        return {"train": both, "test": both}
     if name in DOWNLOADS:
         return load_download(name, cache_dir)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -249,12 +316,17 @@ def load_raw(name, cache_dir=None):
 DATASETS = ["mnist", "uci_digits", "random"]
 
 
-def load_dataset(name, image_size, device="cpu", cache_dir=None):
-    """{'train': (x, y), 'test': (x, y)} preprocessed, on device: x (N, N_x) float, y (N,) long."""
+def load_dataset(name, image_size, device="cpu", cache_dir=None, channels=1):
+    """{'train': (x, y), 'test': (x, y)} preprocessed, on device: x (N, N_x) float, y (N,) long.
+    For "random", x is RandomImages: new images for every task."""
+    if name == "random":
+        x = RandomImages(channels * image_size ** 2, device)
+        y = torch.arange(NUM_CLASSES, device=device)
+        return {"train": (x, y), "test": (x, y)}
     raw = load_raw(name, cache_dir)
-    x_train, stats = to_inputs(raw["train"][0], image_size)
+    x_train, stats = to_inputs(raw["train"][0], image_size, channels=channels)
     out = {"train": (x_train, raw["train"][1])}
-    out["test"] = (to_inputs(raw["test"][0], image_size, stats)[0], raw["test"][1])
+    out["test"] = (to_inputs(raw["test"][0], image_size, stats, channels)[0], raw["test"][1])
     return {k: (x.to(device), torch.as_tensor(np.asarray(y), dtype=torch.long, device=device))
             for k, (x, y) in out.items()}
 

@@ -50,24 +50,25 @@ EVAL_SEED = 12345  # evaluation sequences are fixed, and never drawn in meta-tra
 
 
 def seen_task_ids(n_tasks, num_tasks, device):
-    """n_tasks ids from the training range [0, num_tasks), the same every time: every training
-    task in turn when there are no more than n_tasks, else a random draw. Training draws ids
+    """Ids 0 .. n_tasks - 1 of the training range (as the authors' meta_test), each taken modulo
+    num_tasks: every training task in turn when there are fewer than n_tasks. Training draws ids
     uniformly, so these were trained on when num_tasks is small against the number of training
     sequences; with more tasks (or fresh ones) most were never drawn."""
-    if num_tasks is not None and num_tasks <= n_tasks:
-        return torch.arange(n_tasks, device=device) % num_tasks
-    bits = data.random_bits(data.hash_key(EVAL_SEED), n_tasks).to(device)
-    return data.random_below(bits, num_tasks or 2 ** 62)
+    ids = torch.arange(n_tasks, device=device)
+    return ids % num_tasks if num_tasks is not None else ids
 
 
 def eval_sets(base, others, num_tasks, n_tasks, seqs_per_task, device):
-    """{name: (x_all, y_all, task_ids)}: the base dataset's test split on seen and unseen tasks,
-    and each other dataset's test split on unseen tasks."""
+    """{name: (x_all, y_all, task_ids)}: the base dataset's test split on seen and unseen tasks
+    and as it is (no projection, no relabelling, as the authors also report), and each other
+    dataset's test split on unseen tasks."""
     per_seq = lambda ids: ids.repeat_interleave(seqs_per_task)      # (n_tasks * seqs_per_task,)
     unseen = per_seq(data.unseen_task_ids(n_tasks, device))
     name, splits = base
     sets = {f"seen {name}": (*splits["test"], per_seq(seen_task_ids(n_tasks, num_tasks, device))),
-            f"unseen {name}": (*splits["test"], unseen)}
+            f"unseen {name}": (*splits["test"], unseen),
+            f"identity {name}": (*splits["test"], torch.full_like(unseen[:seqs_per_task],
+                                                                   data.IDENTITY_TASK))}
     for other, splits in others.items():
         sets[f"unseen {other}"] = (*splits["test"], unseen)
     return sets

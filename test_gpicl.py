@@ -170,11 +170,71 @@ def test_training_never_draws_unseen_ids_and_respects_num_tasks():
     assert max(unseen) < 0
 
 
-def test_bias_puts_a_fraction_of_every_batch_on_one_task():
+def test_bias_keeps_identity_labels_on_exactly_the_biased_slots_with_random_projections():
+    # 40 sequences in 20 slots of 2; bias 0.25: slots 0-4 (sequences 0-9) keep the labels as
+    # they are; their projections are still their tasks' random ones
+    x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
+    for step in range(3):
+        args = (x_all, y_all, 0, step, torch.arange(40), 12, None)
+        x0, y0, ids0 = data.sample_sequences(*args, batch_size=40, seqs_per_task=2)
+        x1, y1, ids1 = data.sample_sequences(*args, bias=0.25, batch_size=40, seqs_per_task=2)
+        assert torch.equal(x0, x1) and torch.equal(ids0, ids1) and (ids1 != 0).all()
+        rho = data.task_permutation(ids0)                                     # (40, 10)
+        unpermuted = rho.argsort(-1).gather(1, y0)                            # rho^-1(y)
+        assert torch.equal(y1[:10], unpermuted[:10])                          # identity labels
+        assert torch.equal(y1[10:], y0[10:]) and not torch.equal(y1[10:], unpermuted[10:])
+        assert len(set(ids1[:10].tolist())) == 5                              # 5 random tasks
+
+
+def test_bias_task_puts_the_last_slots_on_task_zero():
     x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
     for step in range(5):
-        ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, None, bias=0.25)[2]
-        assert (ids[:10] == 0).all() and (ids[10:] != 0).all()
+        ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, None,
+                                    batch_size=40, bias_task=0.25)[2]
+        assert (ids[30:] == 0).all() and (ids[:30] != 0).all()
+
+
+def test_sequences_of_one_slot_share_a_task_and_slots_differ():
+    x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
+    x, y, ids = data.sample_sequences(x_all, y_all, 1, 2, torch.arange(32), 20, None,
+                                      batch_size=32, seqs_per_task=8)
+    assert torch.equal(ids, ids[::8].repeat_interleave(8)) and len(set(ids.tolist())) == 4
+    assert not torch.equal(x[0], x[1])                     # the same task, other examples
+
+
+def test_no_example_repeats_within_a_sequence():
+    x_all, y_all = torch.randn(1000, 8), torch.randint(0, 10, (1000,))
+    for step in range(5):
+        x = data.sample_sequences(x_all, y_all, 0, step, torch.arange(64), 100, None)[0]
+        for seq in x:                                      # a repeated example, a repeated row
+            assert len(torch.unique(seq, dim=0)) == 100
+    idx = data.draw_examples(data.hash_key(torch.arange(256)), 100, 60000)
+    assert all(len(set(row)) == 100 for row in idx.tolist()) and idx.max() < 60000
+
+
+def test_identity_task_is_the_base_dataset_as_it_is():
+    x, y = torch.randn(3, 5, 4), torch.randint(0, 10, (3, 5))
+    ids = torch.tensor([data.IDENTITY_TASK, 7, data.IDENTITY_TASK])
+    x_t, y_t = data.apply_tasks(x, y, ids)
+    assert torch.equal(x_t[0], x[0]) and torch.equal(y_t[2], y[2])
+    assert not torch.allclose(x_t[1], x[1])
+
+
+def test_random_dataset_draws_new_images_for_every_task():
+    x_all, y_all = data.load_dataset("random", 7)["train"]
+    imgs = x_all.images(torch.tensor([3, 3, 4]))                          # (3, 10, 49)
+    assert imgs.shape == (3, 10, 49) and torch.equal(imgs[0], imgs[1])
+    assert not torch.allclose(imgs[0], imgs[2])
+    assert abs(imgs.mean().item()) < 0.2 and abs(imgs.std().item() - 1) < 0.1  # z-normalised
+    x, y, ids = data.sample_sequences(x_all, y_all, 0, 0, torch.arange(4), 30, None)
+    assert x.shape == (4, 30, 49) and len(torch.unique(x[0], dim=0)) <= 10
+
+
+def test_channels_3_tiles_grayscale_as_the_authors_channel_expand():
+    gray = np.random.default_rng(0).integers(0, 256, (5, 8, 8)).astype(np.uint8)
+    x3 = data.to_inputs(gray, 8, (0.0, 1.0), channels=3)[0].view(5, 8, 8, 3)
+    assert torch.equal(x3[..., 0], x3[..., 1]) and torch.equal(x3[..., 0], x3[..., 2])
+    assert torch.equal(x3[..., 0].flatten(1), data.to_inputs(gray, 8, (0.0, 1.0))[0])
 
 
 def test_sequences_do_not_depend_on_how_the_batch_is_split():
@@ -199,7 +259,7 @@ def test_preprocessing_z_normalises_with_training_statistics():
     uci = data.load_dataset("uci_digits", 7)["test"]
     assert uci[0].shape == (1797, 49)
     rnd = data.load_dataset("random", 7)["test"]
-    assert rnd[0].shape == (10, 49) and torch.equal(rnd[1], torch.arange(10))
+    assert len(rnd[0]) == 10 and rnd[0].n_x == 49 and torch.equal(rnd[1], torch.arange(10))
 
 
 # -----------------------------------------------------------------------------
@@ -436,6 +496,27 @@ def test_ctrl_c_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypa
     monkeypatch.undo()
     train.main([*args, "--out-dir", cut, "--resume"])
     assert losses(cut) == losses(whole)                       # step 3 counted once, whole
+
+
+def test_adam_matches_optax_formula_with_eps_root():
+    # two steps by hand: update = lr * m_hat / (sqrt(v_hat + eps_root) + eps)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3e-5]))
+    grads = [torch.tensor([0.5, -1e-4, 2e-6]), torch.tensor([0.1, 3e-4, -1e-6])]
+    opt = train.Adam([p], lr=0.1, eps=1e-8, eps_root=1e-8)
+    want, m, v = p.detach().double().clone(), 0, 0
+    for t, g in enumerate(grads, 1):
+        p.grad = g.clone()
+        opt.step()
+        g = g.double()
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        want -= 0.1 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t) + 1e-8).sqrt() + 1e-8)
+        assert torch.allclose(p.detach().double(), want, rtol=1e-6, atol=1e-9)
+    # eps_root damps a tiny gradient: its step is far below lr, where torch's Adam steps ~lr
+    q, r = (torch.nn.Parameter(torch.tensor([0.0])) for _ in range(2))
+    ours, ref = train.Adam([q], lr=0.1), torch.optim.Adam([r], lr=0.1, eps=1e-8)
+    q.grad, r.grad = torch.tensor([2e-6]), torch.tensor([2e-6])
+    ours.step(), ref.step()
+    assert abs(q.item()) < 0.01 and abs(r.item()) > 0.09
 
 
 def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):

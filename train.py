@@ -55,6 +55,7 @@ positive_int = typed(int, lambda v: v > 0, "a positive integer")
 seed_int = typed(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")  # it goes into int64
 nonneg_int = typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+nonneg_float = typed(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
@@ -89,7 +90,14 @@ def get_parser():
     g.add_argument("--num-tasks", type=num_tasks_type, default=2 ** 25,
                    help="number of tasks: 65536, 2**16, or 'fresh' for a new task per sequence")
     g.add_argument("--bias", type=fraction, default=0.0,
-                   help="fraction of every meta-batch that uses one fixed task (paper 4.3)")
+                   help="fraction of every meta-batch's task slots that keep one fixed label "
+                        "permutation (the identity), projections random (paper 4.3)")
+    g.add_argument("--bias-task", type=fraction, default=0.0,
+                   help="fraction of every meta-batch's task slots that use the one fixed task 0")
+    g.add_argument("--seqs-per-task", type=positive_int, default=1,
+                   help="sequences that share one task within a meta-batch (the authors: 32)")
+    g.add_argument("--channels", type=int, choices=[1, 3], default=1,
+                   help="1: grayscale images; 3: grayscale tiled to RGB (the authors' channel_expand)")
     g.add_argument("--lookup-steps", type=nonneg_int, default=0,
                    help="curriculum: meta-train the first steps on pure in-context lookup tasks "
                         "(the Random dataset) with short sequences; shortens the plateau (README)")
@@ -101,6 +109,7 @@ def get_parser():
     g.add_argument("--width", type=positive_int, help="model width (default: the learner's own)")
     g.add_argument("--n-layer", type=positive_int, help="layers (default: the learner's own)")
     g.add_argument("--n-head", type=positive_int, help="attention heads (Transformer)")
+    g.add_argument("--key-size", type=positive_int, help="per-head key size (Transformer)")
     g.add_argument("--state-size", type=positive_int,
                    help="pick the width so that the learner's state is exactly this many floats")
     g = p.add_argument_group("meta-training")
@@ -112,10 +121,13 @@ def get_parser():
     g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     g.add_argument("--adam-eps", type=positive_float, default=1e-8,
                    help="Adam epsilon; smaller shortens loss plateaus (paper 4.3)")
+    g.add_argument("--adam-eps-root", type=nonneg_float, default=1e-8,
+                   help="Adam epsilon inside the square root, as optax's eps_root")
     g.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up steps")
     g.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
                    help="learning rate after warm-up: constant, or cosine decay to 10%%")
-    g.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clip")
+    g.add_argument("--grad-clip", type=nonneg_float, default=0.0,
+                   help="clip the gradient norm to this; 0: no clipping (the authors' default)")
     g.add_argument("--seed", type=seed_int, default=0, help="seed of the meta-batches and init")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=positive_int, default=1000, help="steps between evaluations")
@@ -165,8 +177,39 @@ def check_device(parser, device):
 
 
 # What defines the meta-batches of a run: a resumed run must keep them, or it continues another
-RUN_KEYS = ("dataset", "image_size", "seq_len", "num_tasks", "bias", "lookup_steps",
-            "lookup_seq_len", "batch_size", "seed")
+RUN_KEYS = ("dataset", "image_size", "channels", "seq_len", "num_tasks", "bias", "bias_task",
+            "seqs_per_task", "lookup_steps", "lookup_seq_len", "batch_size", "seed")
+CHECKPOINT_FORMAT = 2  # 2: fixed-permutation bias, task slots, optax's Adam, key size
+
+
+class Adam(torch.optim.Optimizer):
+    """Adam as optax's, the authors' optimizer (optimizers/optax_opts.py, eps_root 1e-8):
+
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+        update = lr * m_hat / (sqrt(v_hat + eps_root) + eps),   m_hat, v_hat bias-corrected
+
+    torch.optim.Adam has no eps_root. With it, a parameter whose gradients are all tiny (as on
+    a loss plateau) takes steps ~ g / sqrt(eps_root) instead of ~ lr: it damps them."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, eps_root=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, eps_root=eps_root))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["t"] += 1
+                m, v, t = state["m"], state["v"], state["t"]
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2 ** t)).add_(group["eps_root"]).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
 
 def lr_at(step, args):
@@ -242,6 +285,9 @@ def meta_train(argv, stop):
         parser.error(f"--batch-size {args.batch_size} does not split into {world} processes x "
                      f"{args.grad_accum} accumulation steps; "
                      f"make it a multiple of {world * args.grad_accum}")
+    if args.batch_size % args.seqs_per_task:
+        parser.error(f"--seqs-per-task {args.seqs_per_task} does not divide --batch-size "
+                     f"{args.batch_size}")
     if device_type == "cuda":  # TF32 matmuls and bf16 autocast: the fast path on recent GPUs
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -249,8 +295,9 @@ def meta_train(argv, stop):
 
     # --- data: the base dataset's train split for meta-training, test splits for meta-testing
     try:
-        base = data.load_dataset(args.dataset, args.image_size, args.device)
-        other_sets = {d: data.load_dataset(d, args.image_size, args.device) for d in others}
+        base = data.load_dataset(args.dataset, args.image_size, args.device, channels=args.channels)
+        other_sets = {d: data.load_dataset(d, args.image_size, args.device, channels=args.channels)
+                      for d in others}
     except (OSError, RuntimeError, ValueError) as e:
         parser.error(str(e))
     x_train, y_train = base["train"]
@@ -259,20 +306,23 @@ def meta_train(argv, stop):
         if args.lookup_seq_len > args.seq_len:
             parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than "
                          f"--seq-len {args.seq_len}")
-        lookup = data.load_dataset("random", args.image_size, args.device)["train"]
+        lookup = data.load_dataset("random", args.image_size, args.device,
+                                   channels=args.channels)["train"]
 
     # --- the learner
-    n_x = args.image_size ** 2
+    n_x = args.channels * args.image_size ** 2
     try:
         cfg = models.model_config(args.model, n_x + data.NUM_CLASSES, args.seq_len, args.width,
-                                  args.n_layer, args.n_head, args.state_size)
+                                  args.n_layer, args.n_head, args.state_size,
+                                  **({"key_size": args.key_size} if args.key_size else {}))
     except ValueError as e:
         parser.error(f"--model {args.model}: {e}")
     model_config = dict(kind=args.model, n_in=n_x + data.NUM_CLASSES, n_out=data.NUM_CLASSES, cfg=cfg)
     torch.manual_seed(args.seed)
     model = models.build(args.model, n_x + data.NUM_CLASSES, data.NUM_CLASSES, **cfg).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr, eps=args.adam_eps) if params else None
+    optimizer = Adam(params, args.lr, eps=args.adam_eps, eps_root=args.adam_eps_root) \
+        if params else None
     if optimizer is None:  # sgd learns inside each sequence only: nothing to meta-train
         args.steps = 0
 
@@ -288,6 +338,9 @@ def meta_train(argv, stop):
                      "or choose another --out-dir")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=False)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            parser.error(f"--resume: {ckpt_path} was written by an older gpicl (before the "
+                         "fixed-permutation bias and optax's Adam); start a new --out-dir")
         if ckpt["model_config"] != model_config:
             parser.error(f"--resume: the checkpoint in {args.out_dir} holds a different learner "
                          f"({ckpt['model_config']}); use the flags it was trained with")
@@ -302,8 +355,8 @@ def meta_train(argv, stop):
         model.load_state_dict(ckpt["model"])
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
-            for group in optimizer.param_groups:  # the flag wins over the saved value
-                group["eps"] = args.adam_eps
+            for group in optimizer.param_groups:  # the flags win over the saved values
+                group["eps"], group["eps_root"] = args.adam_eps, args.adam_eps_root
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
         step, elapsed = ckpt["step"], ckpt["elapsed"]
         running_loss, last_logged = ckpt["running_loss"], ckpt["last_logged"]
@@ -340,7 +393,7 @@ def meta_train(argv, stop):
             model=raw_model.state_dict(), step=step,
             running_loss=running.item(), last_logged=last_logged,  # the loss not yet logged
             optimizer=optimizer.state_dict() if optimizer is not None else None,
-            elapsed=elapsed, config=vars(args), model_config=model_config,
+            elapsed=elapsed, config=vars(args), model_config=model_config, format=CHECKPOINT_FORMAT,
             rng=dict(torch=torch.get_rng_state())))
 
     def run_eval():
@@ -366,13 +419,15 @@ def meta_train(argv, stop):
                 x, y, _ = data.sample_sequences(*(lookup if warm else (x_train, y_train)), args.seed,
                                                 step, seq_index,
                                                 args.lookup_seq_len if warm else args.seq_len,
-                                                args.num_tasks, args.bias, args.batch_size)
+                                                args.num_tasks, args.bias, args.batch_size,
+                                                args.seqs_per_task, args.bias_task)
                 sync = m == args.grad_accum - 1
                 with (model.no_sync() if ddp and not sync else nullcontext()), ctx:
                     loss = gpicl.meta_loss(model, x, y) / args.grad_accum
                 loss.backward()
                 running += loss.detach()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             step += 1
             optimizer.zero_grad(set_to_none=True)
