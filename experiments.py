@@ -139,7 +139,8 @@ def learning_curves(scale):
     MNIST steps), an LSTM with the same budget, and plain SGD (no meta-training): 19 min on 2
     busy cores, 18 of them the Transformer run.
     gpu: MNIST 14x14, Transformer d256 x 4, LSTM 1024, 50k steps (+ lookup curriculum 5k), SGD
-    and MAML (~3 GPU h)."""
+    and MAML (~3 GPU h). The figure draws the 1-NN and SGD baselines of the evaluation (scored on
+    the same sequences, gpicl.evaluate) dashed beside the learners."""
     if scale == "cpu":
         extra = ["--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
                  "--seq-len", "100", "--eval-datasets", "uci_digits,random", "--eval-tasks", "8",
@@ -368,7 +369,16 @@ def figure_data(name, records):
         return out
     if name == "learning_curves":
         label = lambda p: p["model"] + (f" d{p['width']}" if "width" in p else "")
-        return {label(r["params"]): {k: v["curve"] for k, v in r["final"].items()} for r in records}
+        learners = {label(r["params"]): {k: v["curve"] for k, v in r["final"].items()}
+                    for r in records}
+        # {set: {baseline: curve}}: the baselines read only the evaluation sequences, which the
+        # runs of one sweep share (same flags), so the first run that has them speaks for all
+        baselines = {}
+        for r in records:
+            for k, v in r["final"].items():
+                for b, s in v.get("baselines", {}).items():
+                    baselines.setdefault(k, {}).setdefault(b, s["curve"])
+        return dict(learners=learners, baselines=baselines)
     raise ValueError(f"unknown experiment {name!r}")
 
 
@@ -455,15 +465,19 @@ def plot(name, records, path):
                 ax[1, col].set_xticks(xs, g["values"])
             ax[1, col].legend(fontsize=7)
     elif name == "learning_curves":
-        sets = sorted({k for v in d.values() for k in v})
+        sets = sorted({k for v in d["learners"].values() for k in v})
         fig, ax = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.4), squeeze=False)
         for a, s in zip(ax[0], sets):
-            for rid, curves in d.items():
+            for rid, curves in d["learners"].items():
                 if s in curves:
                     a.plot(range(1, len(curves[s]) + 1), curves[s], label=rid)
+            for (b, c), color in zip(d["baselines"].get(s, {}).items(), ("0.3", "0.6", "0.8")):
+                a.plot(range(1, len(c) + 1), c, ls="--", color=color, lw=1, label=f"{b} (baseline)")
             a.set(title=s, xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
             a.axhline(CHANCE, color="k", lw=0.5, ls=":")
-        ax[0, 0].legend(fontsize=7)
+        lines = {l.get_label(): l for a in ax[0] for l in a.get_lines()
+                 if not l.get_label().startswith("_")}               # every run and baseline, once
+        ax[0, 0].legend(lines.values(), lines.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)

@@ -9,7 +9,9 @@ A learner reads a sequence of examples from one task and predicts each label bef
 "After meta-training, the learner is able to learn new tasks in-context, without any gradient
 step": its accuracy on tasks it never saw rises along the sequence as it reads more examples.
 `evaluate` measures exactly that, per position, on seen tasks, unseen tasks and unseen tasks of
-other datasets, and `regime` names which of the paper's three regimes a learner is in.
+other datasets, beside 1-NN and SGD scored on the very same sequences (so a curve can be read
+against learners that need no meta-training), and `regime` names which of the paper's three
+regimes a learner is in.
 `InContextClassifier` then uses a meta-trained learner on any table of numbers, as a
 classifier with fit/predict, beside two classic baselines (kNN, logistic regression).
 
@@ -74,17 +76,26 @@ def eval_sets(base, others, num_tasks, n_tasks, seqs_per_task, device):
     return sets
 
 
+def eval_batches(x_all, y_all, task_ids, seq_len, batch_size=256):
+    """The evaluation sequences of the given tasks, batch by batch: (seq_index (b,), x (b, T, N_x),
+    y (b, T)). Sequence i is the same however the set is batched (data.task_sequences)."""
+    for i in range(0, len(task_ids), batch_size):
+        seq_index = torch.arange(i, min(i + batch_size, len(task_ids)), device=task_ids.device)
+        yield seq_index, *data.task_sequences(x_all, y_all, task_ids[seq_index], seq_len,
+                                              seq_index, EVAL_SEED)
+
+
+def learner_predict(model, x, y, ctx=None):
+    """The learner's label at every position: x (B, T, N_x), y (B, T) -> (B, T)."""
+    with ctx or nullcontext():
+        return model(make_tokens(x, y)).argmax(-1)
+
+
 @torch.no_grad()
 def accuracy_per_position(model, x_all, y_all, task_ids, seq_len, batch_size=256, ctx=None):
     """Correct predictions (N, T) bool for the evaluation sequences of the given tasks."""
-    correct = []
-    for i in range(0, len(task_ids), batch_size):
-        seq_index = torch.arange(i, min(i + batch_size, len(task_ids)), device=task_ids.device)
-        x, y = data.task_sequences(x_all, y_all, task_ids[seq_index], seq_len, seq_index, EVAL_SEED)
-        with ctx or nullcontext():
-            logits = model(make_tokens(x, y))                        # (b, T, 10)
-        correct.append(logits.argmax(-1) == y)
-    return torch.cat(correct)
+    return torch.cat([learner_predict(model, x, y, ctx) == y
+                      for _, x, y in eval_batches(x_all, y_all, task_ids, seq_len, batch_size)])
 
 
 def ci95(values):
@@ -119,14 +130,117 @@ def summarize(correct, task_ids=None):
             "n": len(c), "tasks": tasks}
 
 
-def evaluate(model, sets, seq_len, batch_size=256, ctx=None):
-    """{name: summary} for every evaluation set; the model is left in the mode it was in."""
+# -----------------------------------------------------------------------------
+# Classic baselines, scored per position on the very sequences the learner reads
+#
+# A learning curve alone does not say whether 0.2 at the 100th example is good. Two learners
+# that need no meta-training answer that, each reading the same x and y as the learner and
+# predicting example t from examples 0..t-1 only:
+#   1-NN: the label of the nearest earlier example (ours: the simplest learner there is; it is
+#         cheap, so it runs on every sequence)
+#   SGD:  the paper's own baseline (Table 1), models.SGD: a fresh MLP per sequence, one Adam step
+#         per example; T sequential steps, so by default only on 2 sequences of each task
+
+
+def nearest_neighbour(x, y):
+    """Per-position 1-NN: at position t the label of the nearest of examples 0..t-1 (Euclidean,
+    on the projected inputs A x; a tie goes to the earliest). x (B, T, N_x), y (B, T) -> (B, T).
+    Position 0 has no context: it predicts label 0, right by chance only, since every task
+    permutes the labels at random."""
+    T = x.shape[1]
+    # cdist's fast |a|^2 + |b|^2 - 2ab form (3x faster than exact here) rounds, which can only
+    # reorder near-ties; an example repeated earlier in the sequence is still the nearest
+    dist = torch.cdist(x, x)                                                # (B, T, T)
+    earlier = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)  # j < t, strictly
+    nearest = dist.masked_fill(~earlier, float("inf")).argmin(-1)          # (B, T)
+    pred = torch.gather(y, 1, nearest)                                      # (B, T)
+    pred[:, 0] = 0                                                          # nothing to look at
+    return pred
+
+
+def gradient_descent(x, y):
+    """The sgd learner (models.SGD, its defaults) run on the tokens of x, y -> labels (B, T).
+    Deterministic: every sequence starts from one fixed init (models.GradientLearner)."""
+    n_in = x.shape[-1] + data.NUM_CLASSES
+    model = models.build("sgd", n_in, data.NUM_CLASSES,
+                         **models.model_config("sgd", n_in, x.shape[1])).to(x.device)
+    return learner_predict(model, x, y)
+
+
+# name: (predict(x, y) -> labels (B, T), sequences per task it runs on; None: all)
+BASELINES = {"1-NN": (nearest_neighbour, None), "SGD": (gradient_descent, 2)}
+
+
+def first_per_task(task_ids, k):
+    """(N,) bool: the first k sequences of every task in the set (all of them for k None)."""
+    if k is None:
+        return torch.ones_like(task_ids, dtype=torch.bool)
+    group = torch.unique(task_ids, return_inverse=True)[1]                 # (N,) task index
+    order = torch.argsort(group, stable=True)                              # tasks, in set order
+    start = torch.cumsum(torch.bincount(group), 0) - torch.bincount(group) # first slot per task
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(len(group), device=group.device) - start[group[order]]
+    return rank < k
+
+
+# -----------------------------------------------------------------------------
+# Evaluation of a learner, beside the baselines
+
+@torch.no_grad()
+def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=True):
+    """{name: summary} for every evaluation set; the model is left in the mode it was in.
+
+    baselines: True for BASELINES, False (or {}) for none, or a dict like BASELINES. Each is
+    scored on the same x, y tensors as the learner (on its subset of sequences) and added as
+    summary["baselines"] = {baseline name: summary}."""
+    baselines = BASELINES if baselines is True else dict(baselines or {})
     was_training = model.training
     model.eval()
-    out = {name: summarize(accuracy_per_position(model, *s, seq_len, batch_size, ctx), s[2])
-           for name, s in sets.items()}
+    out = {}
+    for name, (x_all, y_all, task_ids) in sets.items():
+        runs = {b: first_per_task(task_ids, k) for b, (_, k) in baselines.items()}  # (N,) each
+        correct = {who: [] for who in ["learner", *baselines]}
+        # a baseline's sequences wait until they fill a batch: SGD takes T steps whatever the
+        # batch, so its 2 sequences per task are better run together than a few per batch
+        waiting = {b: [] for b in baselines}
+
+        def run(b):
+            x, y = (torch.cat(t) for t in zip(*waiting[b]))
+            correct[b].append(baselines[b][0](x, y) == y)                  # (b, T)
+            waiting[b] = []
+
+        for seq_index, x, y in eval_batches(x_all, y_all, task_ids, seq_len, batch_size):
+            correct["learner"].append(learner_predict(model, x, y, ctx) == y)   # (b, T)
+            for b in baselines:
+                keep = runs[b][seq_index]                                   # (b,)
+                if keep.any():
+                    waiting[b].append((x, y) if keep.all() else (x[keep], y[keep]))
+                if sum(len(w[1]) for w in waiting[b]) >= batch_size:
+                    run(b)
+        for b in baselines:
+            if waiting[b]:
+                run(b)
+        out[name] = summarize(torch.cat(correct["learner"]), task_ids)
+        if baselines:
+            out[name]["baselines"] = {b: summarize(torch.cat(correct[b]), task_ids[runs[b]])
+                                      for b in baselines}
     model.train(was_training)
     return out
+
+
+POSITIONS = (1, 5, 10, 20, 50, 100)  # examples at which summary.json keeps the accuracy
+
+
+def compact(results):
+    """results without the per-position curves (for summary.json): each summary keeps first,
+    last, improvement and the accuracy at the POSITIONS (1-based examples) the sequence has."""
+    def brief(r):
+        out = {k: v for k, v in r.items() if k not in ("curve", "baselines")}
+        out["acc_at"] = {str(p): r["curve"][p - 1] for p in POSITIONS if p <= len(r["curve"])}
+        if "baselines" in r:
+            out["baselines"] = {b: brief(s) for b, s in r["baselines"].items()}
+        return out
+    return {name: brief(r) for name, r in results.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -148,10 +262,13 @@ def regime(results, base="mnist", threshold=0.05):
 
 
 def format_results(results):
+    """One row per set, and under it one indented row per baseline scored on its sequences."""
+    row = lambda name, r: (f"{name:<22} {r['first']:7.3f} {r['last']:8.3f} ± {r['last_ci']:.3f}"
+                           f" {r['improvement']:+10.3f} ± {r['improvement_ci']:.3f}")
     lines = [f"{'set':<22} {'acc@1':>7} {'acc@last':>15} {'improvement':>17}"]
     for name, r in results.items():
-        lines.append(f"{name:<22} {r['first']:7.3f} {r['last']:8.3f} ± {r['last_ci']:.3f}"
-                     f" {r['improvement']:+10.3f} ± {r['improvement_ci']:.3f}")
+        lines.append(row(name, r))
+        lines += [row(f"  {b} ({s['n']} seqs)", s) for b, s in r.get("baselines", {}).items()]
     return "\n".join(lines)
 
 

@@ -100,7 +100,8 @@ def table1(checkpoints, n_tasks=32, seqs_per_task=32, out_dir=".", device="cpu")
             if loaded[key] is None:
                 cells[column] = {"missing": f"fetch with `python data.py fetch {name}`"}
                 continue
-            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, cfg["seq_len"])[name]
+            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, cfg["seq_len"],
+                               baselines=False)[name]                  # the learner's column only
             cells[column] = {"acc": round(100 * r["last"], 2), "ci": round(100 * r["last_ci"], 2),
                              "n": r["n"]}
         rows.append({"checkpoint": path, "learner": ckpt["model_config"]["kind"],

@@ -27,6 +27,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import experiments
@@ -375,6 +376,108 @@ def test_regimes_follow_seen_and_unseen_improvement():
     assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.5)}) == "learning-to-learn"
 
 
+# Baselines scored on the learner's own evaluation sequences (gpicl.evaluate)
+
+class RecordingLearner(torch.nn.Module):
+    """A learner that keeps every token batch it reads and always predicts label 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = []
+
+    def forward(self, tokens):                                          # (B, T, N_x + 10)
+        self.tokens.append(tokens.clone())
+        return F.one_hot(torch.zeros(tokens.shape[:2], dtype=torch.long), 10).float()
+
+
+def recording(predict, seen):
+    def baseline(x, y):
+        seen.append((x.clone(), y.clone()))
+        return predict(x, y)
+    return baseline
+
+
+def test_baselines_read_the_very_sequences_the_learner_reads():
+    torch.manual_seed(0)
+    x_all, y_all = torch.randn(40, 4), torch.randint(0, 10, (40,))
+    task_ids = data.unseen_task_ids(3).repeat_interleave(4)             # 3 tasks x 4 sequences
+    T, nn_in, sgd_in, learner = 6, [], [], RecordingLearner()
+    baselines = {"1-NN": (recording(gpicl.nearest_neighbour, nn_in), None),
+                 "SGD": (recording(gpicl.gradient_descent, sgd_in), 2)}
+    # batches of 5 cut across tasks, so SGD's first-2-per-task subset is picked within batches
+    r = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5,
+                       baselines=baselines)["s"]
+    x, y = data.task_sequences(x_all, y_all, task_ids, T, torch.arange(12), gpicl.EVAL_SEED)
+    tokens = torch.cat(learner.tokens)                                  # what the learner read
+    assert torch.equal(tokens, gpicl.make_tokens(x, y))
+    assert torch.equal(torch.cat([a for a, _ in nn_in]), x) and \
+        torch.equal(torch.cat([b for _, b in nn_in]), y)                # 1-NN: every sequence
+    first2 = torch.tensor([0, 1, 4, 5, 8, 9])                           # SGD: 2 of each task,
+    assert len(nn_in) == 3 and len(sgd_in) == 1                         # gathered into 1 batch
+    assert torch.equal(torch.cat([a for a, _ in sgd_in]), x[first2]) and \
+        torch.equal(torch.cat([b for _, b in sgd_in]), y[first2])
+    assert r["curve"] == gpicl.summarize(y == 0, task_ids)["curve"]     # the learner's own score
+    nn = gpicl.summarize(gpicl.nearest_neighbour(x, y) == y, task_ids)
+    assert r["baselines"]["1-NN"] == nn and nn["n"] == 12
+    assert r["baselines"]["SGD"]["n"] == 6 and r["baselines"]["SGD"]["tasks"] == 3
+    # the default baselines are these two, with the same numbers
+    default = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5)["s"]
+    assert default["baselines"] == r["baselines"]
+    assert "baselines" not in gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T,
+                                             baselines=False)["s"]
+
+
+def test_baseline_nn_predicts_the_label_of_the_nearest_earlier_example():
+    # 2-D points, worked by hand. Sequence 0: position 2 is as far from 0 as from 1 (a tie:
+    # the earliest wins); position 3 repeats position 1; position 4 is nearest to position 2.
+    x = torch.tensor([[[0., 0], [4, 0], [2, 0], [4, 0], [2, 1]],
+                      [[0., 0], [0, 5], [0, 1], [0, 4], [9, 9]]])
+    y = torch.tensor([[5, 6, 7, 8, 9],
+                      [1, 2, 1, 2, 2]])
+    pred = gpicl.nearest_neighbour(x, y)
+    assert pred.tolist() == [[0, 5, 5, 6, 7],                         # position 0: label 0
+                             [0, 1, 1, 2, 2]]
+    acc = gpicl.summarize(pred == y)["curve"]
+    assert acc == [0.0, 0.0, 0.5, 0.5, 0.5]
+    # causal: changing the future (and the current label) changes no prediction before it
+    y2, x2 = y.clone(), x.clone()
+    y2[:, 3:], x2[:, 4] = 0, 100.0
+    assert torch.equal(gpicl.nearest_neighbour(x2, y2)[:, :4], pred[:, :4])
+
+
+def test_baselines_appear_in_the_table_log_and_summary_and_the_flag_removes_them(tmp_path, capsys):
+    flags = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "3",
+             "--seq-len", "4", "--eval-datasets", "", "--eval-tasks", "2", "--eval-seqs", "3",
+             "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--log-every", "1"]
+    for on in ("on", "off"):
+        out = tmp_path / on
+        train.main([*flags, "--baselines", on, "--out-dir", str(out)])
+        printed = capsys.readouterr().out
+        ev = [json.loads(l) for l in open(out / "log.jsonl") if "eval" in l][-1]["eval"]
+        summary = json.load(open(out / "summary.json"))["results"]
+        if on == "off":
+            assert "baselines" not in ev["unseen random"] and "baselines" not in summary["seen random"]
+            assert "1-NN" not in printed and "SGD" not in printed
+            continue
+        for name in ("seen random", "unseen random"):
+            b = ev[name]["baselines"]
+            assert set(b) == {"1-NN", "SGD"} and b["1-NN"]["n"] == 6 and b["SGD"]["n"] == 4
+            assert len(b["1-NN"]["curve"]) == 4
+            s = summary[name]["baselines"]["1-NN"]
+            assert "curve" not in s and s["acc_at"] == {"1": b["1-NN"]["curve"][0]}
+            assert s["last"] == b["1-NN"]["last"]
+        lines = printed.splitlines()
+        at = lines.index(next(l for l in lines if l.startswith("unseen random")))
+        assert lines[at + 1].startswith("  1-NN (6 seqs)") and lines[at + 2].startswith("  SGD (4 seqs)")
+
+
+def test_summary_compact_keeps_accuracy_at_fixed_examples():
+    s = gpicl.summarize(torch.arange(120)[None].repeat(10, 1) < torch.arange(10)[:, None] * 12)
+    r = gpicl.compact({"a": dict(s, baselines={"1-NN": s})})["a"]
+    assert r["acc_at"] == {"1": 0.9, "5": 0.9, "10": 0.9, "20": 0.8, "50": 0.5, "100": 0.1}
+    assert "curve" not in r and r["baselines"]["1-NN"]["acc_at"] == r["acc_at"]
+
+
 # -----------------------------------------------------------------------------
 # The command line (train.py)
 
@@ -394,7 +497,7 @@ def run_train(args, timeout=300, **kw):
     ["--model", "transformer", "--state-size", "1001"], ["--batch-size", "7", "--grad-accum", "2"],
     ["--eval-datasets", "imagenet"], ["--image-size", "x"], ["--num-tasks", "2**70"],
     ["--seed", "99999999999999999999"], ["--device", "foo"], ["--device", "cuda:99"],
-    ["--out-dir", "/dev/null/run"],
+    ["--out-dir", "/dev/null/run"], ["--baselines", "maybe"],
 ])
 def test_bad_flags_give_one_line_and_exit_2(flags, tmp_path):
     # a flag wrongly accepted trains 1 step
@@ -1128,6 +1231,24 @@ def test_transition_figure_data_is_a_grid():
     assert set(g["improvement"]) == {"seen random", "unseen random", "unseen mnist"}
 
 
+def with_baselines(rec, nn=(0.1, 0.3)):
+    """rec with 1-NN and SGD summaries beside the learner in its final evaluation."""
+    for v in rec["final"].values():
+        v["baselines"] = {"1-NN": dict(v, curve=list(nn)), "SGD": dict(v, curve=[0.1, 0.2])}
+    return rec
+
+
+def test_learning_curve_figure_data_draws_each_baseline_once_per_set():
+    recs = [with_baselines(record(dict(model="transformer", width=64), 200)),
+            with_baselines(record(dict(model="lstm", width=128), 200), nn=(0.5, 0.5)),
+            record(dict(model="sgd"), 200)]                                 # a run without them
+    d = experiments.figure_data("learning_curves", recs)
+    assert list(d["learners"]) == ["transformer d64", "lstm d128", "sgd"]
+    assert d["learners"]["sgd"]["unseen random"] == [0.1, 0.5]
+    assert d["baselines"]["unseen mnist"] == {"1-NN": [0.1, 0.3], "SGD": [0.1, 0.2]}  # the first
+    assert experiments.figure_data("learning_curves", recs[2:])["baselines"] == {}
+
+
 def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         experiments.main(["transitions", "--plot", "--out", str(tmp_path / "none.jsonl")])
@@ -1144,7 +1265,7 @@ def test_figures_draw(name, tmp_path):
             "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200)
                             for w in (8, 16) for n in (1, None)],
             "state_size": [record(dict(model=m, width=8), 200) for m in ("lstm", "transformer")],
-            "learning_curves": [record(dict(model="sgd"), 200)]}[name]
+            "learning_curves": [with_baselines(record(dict(model="sgd"), 200))]}[name]
     path = experiments.plot(name, recs, str(tmp_path / f"{name}.png"))
     assert os.path.getsize(path) > 1000
 

@@ -135,6 +135,9 @@ def get_parser():
     g.add_argument("--eval-seqs", type=positive_int, default=128, help="sequences per evaluated task")
     g.add_argument("--eval-datasets", default="uci_digits,random",
                    help="comma-separated other datasets to meta-test on (unseen tasks)")
+    g.add_argument("--baselines", default="on", choices=["on", "off"],
+                   help="score 1-NN (every sequence) and SGD (2 sequences per task) on the "
+                        "evaluation sequences, beside the learner")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between loss records")
     g.add_argument("--ckpt-every", type=positive_int,
                    help="steps between checkpoints (default: --eval-every)")
@@ -397,7 +400,8 @@ def meta_train(argv, stop):
             rng=dict(torch=torch.get_rng_state())))
 
     def run_eval():
-        results = gpicl.evaluate(raw_model, sets, args.seq_len, ctx=ctx)
+        results = gpicl.evaluate(raw_model, sets, args.seq_len, ctx=ctx,
+                                 baselines=args.baselines == "on")
         log(dict(step=step, time=time.time() - t0, eval=results,
                  regime=gpicl.regime(results, args.dataset)))
         return results
@@ -472,8 +476,7 @@ def meta_train(argv, stop):
                        parameters=models.num_params(raw_model),
                        state_size=raw_model.state_size(args.seq_len),
                        regime=gpicl.regime(results, args.dataset),
-                       results={k: {m: v for m, v in r.items() if m != "curve"}
-                                for k, r in results.items()})
+                       results=gpicl.compact(results))
         write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
         print(gpicl.format_results(results))
         print(f"regime: {summary['regime']} | {step} steps in {elapsed / 60:.1f} min")
