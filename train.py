@@ -265,7 +265,8 @@ def meta_train(argv, stop):
     n_x = args.image_size ** 2
     try:
         cfg = models.model_config(args.model, n_x + data.NUM_CLASSES, args.seq_len, args.width,
-                                  args.n_layer, args.n_head, args.state_size)
+                                  args.n_layer, args.n_head, args.state_size,
+                                  key_size=getattr(args, "key_size", None))
     except ValueError as e:
         parser.error(f"--model {args.model}: {e}")
     model_config = dict(kind=args.model, n_in=n_x + data.NUM_CLASSES, n_out=data.NUM_CLASSES, cfg=cfg)
