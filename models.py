@@ -186,11 +186,12 @@ class Transformer(Learner):
 #
 #     e_t = ReLU(W_2 ReLU(W_1 token_t))                                 (B, w)
 #     i, f, g, o = W [e_t, h_{t-1}] + b                                 (each B, w)
-#     c_t = sigmoid(f + 1) c_{t-1} + sigmoid(i) tanh(g),   h_t = sigmoid(o) tanh(c_t)
+#     c_t = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g),   h_t = sigmoid(o) tanh(c_t)
 #     logits_t = W_out h_t
 #
-# hk.LSTM's forget bias 1 makes the cell keep sigmoid(1) = 73% of c per step at init rather
-# than half, so what was seen early reaches further; see haiku_lstm_init.
+# The forget gate's bias starts at 1 (hk.LSTM's sigmoid(f + 1)): at init the cell keeps
+# sigmoid(1) = 73% of c per step rather than half, so what was seen early reaches further;
+# see haiku_lstm_init.
 
 class LSTM(Learner):
     defaults = dict(width=256, n_layer=1)
