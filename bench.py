@@ -11,7 +11,9 @@ inputs, timed as the median over --repeats repeats of --steps calls each (warm-u
 1. The training step as train.py takes it (forward, backward, gradient clip, Adam) of our
    models.Transformer against the same network assembled from torch.nn.TransformerEncoder
    (pre-LN, GELU, 4x MLP, causal mask) with the same input and output layers, learned positions
-   and weights (copied from ours, and checked to compute the same logits). Reported: ms/step,
+   and weights (copied from ours, and checked to compute the same logits). torch.nn's heads
+   split the width, so ours is built with key_size = width / n_head (the default 256 / 8 is
+   the authors' 32). Reported: ms/step,
    sequences/s, tokens/s, TFLOP/s, the ratio ours/ref (below 1: ours is faster), and on CUDA
    the peak memory and the model FLOPs utilisation (MFU) against --peak-tflops.
 2. Task generation. data.py makes the tasks of a whole meta-batch (a projection A and a label
@@ -161,10 +163,11 @@ def main(argv=None):
 
     # --- the two models, built as train.py builds ours, with the same weights
     n_in = n_x + data.NUM_CLASSES
-    try:
-        cfg = models.model_config("transformer", n_in, T, args.width, args.n_layer, args.n_head)
-    except ValueError as e:
-        parser.error(str(e))
+    if args.width % args.n_head:  # torch.nn's attention splits the width into the heads
+        parser.error(f"--width {args.width} is not a multiple of --n-head {args.n_head}: the "
+                     "reference's heads split the width, so ours get key_size = width / n_head")
+    cfg = models.model_config("transformer", n_in, T, args.width, args.n_layer, args.n_head,
+                              key_size=args.width // args.n_head)
     # (N, N_x), (N,)
     x_train, y_train = data.load_dataset("mnist", args.image_size, args.device)["train"]
     torch.manual_seed(seed)

@@ -12,12 +12,17 @@ and every learner is causal: the output at t depends on tokens 0..t only.
 
 "The state size of a learner is the number of floats that can carry information from one
 time step to the next" (section 4.2). For an LSTM that is h and c of every layer; for a
-Transformer, the keys and values of every layer and every position: the KV cache. The paper's
+Transformer, the keys and values of every layer, head and position: the KV cache. The paper's
 finding is that in-context learning ability follows this state size, not the parameter count,
 so `--state-size S` builds a learner whose state is exactly S.
 
+Each learner follows the authors' code (google/learned_optimization, research/data_driven:
+models.py, model_components.py, transformer.py), written in Haiku; where Haiku's defaults
+matter (initialisation, the LSTM's forget gate) we reproduce them and say so.
+
 This file imports nothing else from the project.
 """
+import hashlib
 import math
 
 import torch
@@ -30,8 +35,10 @@ import torch.nn.functional as F
 
 class Learner(nn.Module):
     """The interface every learner shares. A learner implements run(tokens) -> (logits, the
-    tensors it carries from step to step) and state_size_of(**config) -> their size."""
+    tensors it carries from step to step) and state_size_of(**config) -> their size.
+    `defaults` names the sizes the learner takes; `sized_by` is the one --state-size solves for."""
     defaults = {}
+    sized_by = "width"
 
     def forward(self, tokens):                                       # (B, T, n_in) -> (B, T, 10)
         return self.run(tokens)[0]
@@ -42,38 +49,87 @@ class Learner(nn.Module):
     def state_size(self, seq_len):
         return self.state_size_of(**{**self.cfg, "seq_len": seq_len})
 
-    @staticmethod
-    def valid_width(**_):
-        return True
+
+# -----------------------------------------------------------------------------
+# Initialisation as Haiku's, which the authors' learners start from
+#
+# hk.Linear draws its weights from a normal truncated at two standard deviations, with std
+# 1/sqrt(fan_in), and zeros its bias. hk.LSTM is one such Linear on [x_t, h_{t-1}] giving the
+# four gates, so its fan-in is n_in + hidden, and it adds 1 to the forget gate's pre-activation.
+
+def trunc_normal(p, std, generator=None):
+    """Normal within two standard deviations, rescaled so that the std is std (as Haiku)."""
+    s = std / 0.87962566                              # the std of N(0, 1) truncated to [-2, 2]
+    return nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s, generator=generator)
+
+
+def haiku_lstm_init(lstm):
+    """An nn.LSTM or nn.LSTMCell as hk.LSTM at init. Torch splits the one Linear on [x, h] into
+    weight_ih and weight_hh (fan-in n_in + hidden, as Haiku's) and has two biases; we zero both
+    and set the forget chunk of bias_ih to 1 (torch's gate order is i, f, g, o). Haiku adds its
+    forget bias 1 as a constant: the same at init, and learnable here."""
+    h = lstm.hidden_size
+    for name, p in lstm.named_parameters():
+        if name.startswith("weight_hh"):                             # one per layer: (4h, h)
+            w_ih = getattr(lstm, name.replace("hh", "ih"))           # and its (4h, n_in)
+            std = (w_ih.shape[1] + h) ** -0.5
+            trunc_normal(w_ih, std)
+            trunc_normal(p, std)
+        elif name.startswith("bias"):
+            nn.init.zeros_(p)
+            if name.startswith("bias_ih"):
+                nn.init.ones_(p[h:2 * h])                            # the forget gate
+
+
+def haiku_init(module):
+    """Every nn.Linear and LSTM inside module as Haiku initialises them."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal(m.weight, m.in_features ** -0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LSTM, nn.LSTMCell)):
+            haiku_lstm_init(m)
 
 
 # -----------------------------------------------------------------------------
-# The Transformer: a GPT-style causal decoder over the example tokens
+# The Transformer: a GPT-style causal decoder over the example tokens (the authors'
+# transformer.py, with models.py's input layer and learned positions)
+#
+#     h_0    = W_e token_t + p_t                                        (B, T, d)
+#     h     <- h + Attn(LN(h)),   h <- h + MLP(LN(h))                   for each of n_layer layers
+#     logits = W_out LN(h)                                              (B, T, 10)
+#
+# Each of the n_head heads projects d -> key_size: q, k, v; softmax(q k^T / sqrt(key_size)) v
+# over positions <= t; the heads concatenated (n_head * key_size) are projected back to d.
+# The key size does not depend on the width d (authors: 8 heads of 32, d = 512), so the state,
+# the KV cache 2 * n_layer * T * n_head * key_size, does not depend on d either, and any d
+# builds, down to the paper's model-size sweep from 2. (At d = 1 LayerNorm maps every vector
+# to its bias, so that learner cannot see its input.)
 
 class SelfAttention(nn.Module):
-    def __init__(self, width, n_head):
+    def __init__(self, width, n_head, key_size):
         super().__init__()
-        self.n_head = n_head
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.n_head, self.key_size = n_head, key_size
+        self.qkv = nn.Linear(width, 3 * n_head * key_size)
+        self.proj = nn.Linear(n_head * key_size, width)
 
     def forward(self, x):                                            # x (B, T, d)
-        B, T, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)                        # each (B, T, d)
-        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))                               # each (B, H, T, d/H)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d/H)
-        y = y.transpose(1, 2).reshape(B, T, d)                       # (B, T, d)
+        B, T, _ = x.shape
+        H, K = self.n_head, self.key_size
+        q, k, v = self.qkv(x).split(H * K, dim=2)                    # each (B, T, H*K)
+        q, k, v = (t.view(B, T, H, K).transpose(1, 2) for t in (q, k, v))  # each (B, H, T, K)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, K)
+        y = y.transpose(1, 2).reshape(B, T, H * K)                   # (B, T, H*K)
         return self.proj(y), (k, v)                                  # k, v: this layer's KV cache
 
 
 class Block(nn.Module):
     """Pre-LayerNorm: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
 
-    def __init__(self, width, n_head):
+    def __init__(self, width, n_head, key_size):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = SelfAttention(width, n_head)
+        self.attn = SelfAttention(width, n_head, key_size)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
                                  nn.Linear(4 * width, width))
 
@@ -83,28 +139,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x)), kv
 
 
-def trunc_normal(p, std):
-    """Normal within two standard deviations, rescaled so that the std is std (as Haiku)."""
-    nn.init.trunc_normal_(p, std=std / 0.87962566, a=-2 * std / 0.87962566, b=2 * std / 0.87962566)
-
-
 class Transformer(Learner):
-    defaults = dict(width=256, n_layer=4, n_head=8)
+    defaults = dict(width=512, n_layer=4, n_head=8, key_size=32)     # authors' models.py
+    sized_by = "key_size"                                            # the state is the KV cache
 
-    def __init__(self, n_in, n_out, seq_len, width=256, n_layer=4, n_head=8):
+    def __init__(self, n_in, n_out, seq_len, width=512, n_layer=4, n_head=8, key_size=32):
         super().__init__()
-        self.cfg = dict(width=width, n_layer=n_layer)
-        if width % n_head:
-            raise ValueError(f"width {width} is not a multiple of n_head {n_head}")
+        self.cfg = dict(width=width, n_layer=n_layer, n_head=n_head, key_size=key_size)
         self.embed = nn.Linear(n_in, width)
         self.pos = nn.Parameter(torch.zeros(seq_len, width))        # learned positions
-        self.blocks = nn.ModuleList(Block(width, n_head) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(width, n_head, key_size) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, n_out)
-        # Initialisation as in the official code (Haiku's fan-in variance scaling), not GPT-2's
-        # N(0, 0.02): attention and MLP weights std sqrt(2 / (n_layer fan_in)), input and output
-        # layers std 1/sqrt(fan_in), positions std 0.1. On small models the 0.02 start leaves the
-        # attention logits ~100x too small, and meta-training sat at chance for >6,000 steps.
+        # Initialisation as in the authors' transformer.py (Haiku's fan-in variance scaling), not
+        # GPT-2's N(0, 0.02): attention and MLP weights std sqrt(2 / (n_layer fan_in)), input and
+        # output layers std 1/sqrt(fan_in), positions std 0.1. On small models the 0.02 start
+        # leaves the attention logits ~100x too small, and meta-training sat at chance for
+        # >6,000 steps.
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -126,27 +177,33 @@ class Transformer(Learner):
         return self.head(self.ln_f(x)), cache                        # (B, T, 10)
 
     @staticmethod
-    def state_size_of(width, seq_len, n_layer, **_):
-        return 2 * n_layer * seq_len * width                         # keys and values, every layer
-
-    @staticmethod
-    def valid_width(width, n_head, **_):
-        return width % n_head == 0
+    def state_size_of(seq_len, n_layer, n_head, key_size, **_):
+        return 2 * n_layer * seq_len * n_head * key_size             # keys and values, every layer
 
 
 # -----------------------------------------------------------------------------
-# The LSTM: an input MLP, then an LSTM (as in the official code), then a linear read-out
+# The LSTM (the authors' models.py LSTM): an input MLP, an LSTM, a linear read-out
+#
+#     e_t = ReLU(W_2 ReLU(W_1 token_t))                                 (B, w)
+#     i, f, g, o = W [e_t, h_{t-1}] + b                                 (each B, w)
+#     c_t = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g),   h_t = sigmoid(o) tanh(c_t)
+#     logits_t = W_out h_t
+#
+# The forget gate's bias starts at 1 (hk.LSTM's sigmoid(f + 1)): at init the cell keeps
+# sigmoid(1) = 73% of c per step rather than half, so what was seen early reaches further;
+# see haiku_lstm_init.
 
 class LSTM(Learner):
     defaults = dict(width=256, n_layer=1)
 
-    def __init__(self, n_in, n_out, seq_len, width=256, n_layer=1, n_head=None):
+    def __init__(self, n_in, n_out, seq_len, width=256, n_layer=1):
         super().__init__()
         self.cfg = dict(width=width, n_layer=n_layer)
         self.encoder = nn.Sequential(nn.Linear(n_in, width), nn.ReLU(),
                                      nn.Linear(width, width), nn.ReLU())
         self.lstm = nn.LSTM(width, width, num_layers=n_layer, batch_first=True)
         self.head = nn.Linear(width, n_out)
+        haiku_init(self)
 
     def run(self, tokens):                                           # tokens (B, T, n_in)
         h, (h_n, c_n) = self.lstm(self.encoder(tokens))             # h (B, T, w); h_n, c_n (L, B, w)
@@ -158,10 +215,15 @@ class LSTM(Learner):
 
 
 # -----------------------------------------------------------------------------
-# The outer-product LSTM: a matrix-valued cell per head, so a large state from few parameters
+# The outer-product LSTM (the authors' model_components.py OuterLSTM, used in their models.py
+# LSTM in place of hk.LSTM): the cell is a matrix per head, so a large state from few weights
 #
-# Gates are outer products: i, g, f = (tanh(k1) * scale) (x) tanh(k2), each h x h per head;
-# C = sigmoid(f + 1) * C_prev + sigmoid(i) * g; the hidden state reads C with a query q.
+#     k1, k2, q, o = W [e_t, h_{t-1}] + b        per head: k1, k2 (3, w), q, o (w)
+#     i, g, f = softplus(s) tanh(k1) (x) tanh(k2)                       three w x w outer products
+#     C_t = sigmoid(f + 1) * C_{t-1} + sigmoid(i) * g                   (B, H, w, w)
+#     h_t = sigmoid(o) * tanh(C_t^T q)                                  (B, H*w)
+#
+# s is one learned scale (softplus(0) at init). The state is C and h: H w^2 + H w floats.
 
 class OuterLSTMCell(nn.Module):
     def __init__(self, n_in, width, n_head):
@@ -185,22 +247,23 @@ class OuterLSTMCell(nn.Module):
 
 
 class OuterLSTM(Learner):
-    """The LSTM learner with its LSTM replaced by outer-product cells (state H w^2 + H w)."""
-    defaults = dict(width=32, n_head=4)
+    """The LSTM learner with its LSTM replaced by outer-product cells. As the authors': the
+    encoder is `width` wide (their hidden_size serves both) and one head by default."""
+    defaults = dict(width=32, n_head=1)
 
-    def __init__(self, n_in, n_out, seq_len, width=32, n_head=4, n_layer=None):
+    def __init__(self, n_in, n_out, seq_len, width=32, n_head=1):
         super().__init__()
         self.cfg = dict(width=width, n_head=n_head)
         self.width, self.n_head = width, n_head
-        hidden = width * n_head
-        self.encoder = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, hidden), nn.ReLU())
-        self.cell = OuterLSTMCell(hidden, width, n_head)
-        self.head = nn.Linear(hidden, n_out)
+        self.encoder = nn.Sequential(nn.Linear(n_in, width), nn.ReLU(),
+                                     nn.Linear(width, width), nn.ReLU())
+        self.cell = OuterLSTMCell(width, width, n_head)
+        self.head = nn.Linear(n_head * width, n_out)
+        haiku_init(self)
 
     def run(self, tokens):                                           # tokens (B, T, n_in)
         B, T, _ = tokens.shape
-        e = self.encoder(tokens)                                     # (B, T, H*w)
+        e = self.encoder(tokens)                                     # (B, T, w)
         state = (e.new_zeros(B, self.n_head * self.width),
                  e.new_zeros(B, self.n_head, self.width, self.width))
         outs = []
@@ -215,15 +278,24 @@ class OuterLSTM(Learner):
 
 
 # -----------------------------------------------------------------------------
-# The fast-weight memory: an LSTM that writes key-value pairs into a matrix by the delta rule
+# The fast-weight memory (Schlag, Munkhdalai and Schmidhuber 2021, "Learning associative
+# inference using fast weight memory"; the authors' models.py FWMemory): an LSTM that writes
+# key-value pairs into a matrix M by the delta rule and reads it with a second key
 #
-# width m: a memory of m x m^2 fast weights beside an LSTM of 4m units (the official code's
-# 16 and 64). Keys are outer products k1 (x) k2; a write replaces the value stored under its key.
+#     h_t = LSTM(token_t, h_{t-1})                                      (B, 4m)
+#     k1, k2, v = tanh(W_w h_t),  beta = sigmoid(w_beta h_t),  k = k1 (x) k2   (m), (m^2)
+#     M <- M + beta (v - M k) k^T                                       M (B, m, m^2)
+#     r1, r2 = tanh(W_r h_t),  read = M (r1 (x) r2)                     (B, m)
+#     logits_t = W_out (h_t + W_p LN(read))
+#
+# The delta rule replaces the value stored under k (M k) by v, by a fraction beta, instead of
+# adding v on top of it. width m: a memory of m x m^2 fast weights beside an LSTM of 4m units
+# (the authors' memory_size 16 and slow_size 64).
 
 class FastWeightMemory(Learner):
     defaults = dict(width=16)
 
-    def __init__(self, n_in, n_out, seq_len, width=16, n_layer=None, n_head=None):
+    def __init__(self, n_in, n_out, seq_len, width=16):
         super().__init__()
         self.cfg = dict(width=width)
         self.width, slow = width, 4 * width
@@ -233,6 +305,7 @@ class FastWeightMemory(Learner):
         self.norm = nn.LayerNorm(width, elementwise_affine=True, bias=False)
         self.read_proj = nn.Linear(width, slow)
         self.head = nn.Linear(slow, n_out)
+        haiku_init(self)
 
     def run(self, tokens):                                           # tokens (B, T, n_in)
         B, T, _ = tokens.shape
@@ -247,7 +320,7 @@ class FastWeightMemory(Learner):
             beta = torch.sigmoid(w[:, -1])                           # (B,) write strength
             k1, k2, v = torch.tanh(w[:, :-1]).split(m, dim=-1)
             k = key(k1, k2)                                          # (B, m^2)
-            v_old = torch.einsum("bmn,bn->bm", memory, k)
+            v_old = torch.einsum("bmn,bn->bm", memory, k)            # what k holds now
             memory = memory + beta[:, None, None] * torch.einsum("bm,bn->bmn", v - v_old, k)
             r1, r2 = torch.tanh(self.read_head(h)).split(m, dim=-1)
             read = torch.einsum("bmn,bn->bm", memory, key(r1, r2))  # (B, m)
@@ -265,12 +338,13 @@ class FastWeightMemory(Learner):
 class MLP(Learner):
     defaults = dict(width=256)
 
-    def __init__(self, n_in, n_out, seq_len, width=256, n_layer=None, n_head=None):
+    def __init__(self, n_in, n_out, seq_len, width=256):
         super().__init__()
         self.cfg = dict(width=width)
         self.n_x = n_in - n_out
         self.net = nn.Sequential(nn.Linear(self.n_x, width), nn.ReLU(), nn.Linear(width, width),
                                  nn.ReLU(), nn.Linear(width, n_out))
+        haiku_init(self)
 
     def run(self, tokens):
         return self.net(tokens[..., :self.n_x]), []                  # the labels are never read
@@ -281,31 +355,45 @@ class MLP(Learner):
 
 
 # -----------------------------------------------------------------------------
-# VSML (Kirsch and Schmidhuber 2021): every weight of an N_x -> 10 layer is a tiny LSTM
+# VSML (Kirsch and Schmidhuber 2021, "Meta learning backpropagation and improving it"; the
+# authors' models.py VSML and VSMLLayer): every weight w_ij of an N_x -> 10 layer is a tiny
+# LSTM, all N_x * 10 of them sharing one set of parameters
 #
-# All N_x * 10 LSTMs share their parameters. Input unit i sends x_i forward, output unit j
-# receives its label bit as a backward message; each LSTM (i, j) reads both, ticks twice, and
-# sends messages of size 8 on: averaged over i they are the outputs (logits: element 0),
-# averaged over j they come back to the inputs at the next step.
+#     into LSTM (i, j) at step t, 18 floats:
+#         [b_i, x_i, f_j, y_j]      b_i (8): last step's backward message to input unit i
+#                                   x_i (1): input i of this example
+#                                   f_j (8): last step's forward message of output unit j
+#                                   y_j (1): bit j of the previous example's label
+#     (h_ij, c_ij) <- LSTM(into_ij, (h_ij, c_ij)), ticked twice on the same input
+#     f_j = mean_i W_f h_ij  (8),   b_i = mean_j W_b h_ij  (8)
+#     logit_j = f_j[0]
+#
+# A layer computes y_j = sum_i w_ij x_i; here the LSTMs (i, j) play the weights, the mean over
+# i plays the sum, and the forward message plays y_j: a scalar x_i came in, so element 0 of the
+# message going out is the output unit's activation, the logit (the other 7 elements are free
+# channels the layer sends itself at the next step). Labels come in as backward messages, as
+# error signals would. Two ticks give each example two LSTM steps of computation.
 
 class VSML(Learner):
     defaults = dict(width=16)
+    msg, ticks = 8, 2                                                # the authors' msg_size, micro_ticks
 
-    def __init__(self, n_in, n_out, seq_len, width=16, n_layer=None, n_head=None, msg=8, ticks=2):
+    def __init__(self, n_in, n_out, seq_len, width=16):
         super().__init__()
-        self.cfg = dict(width=width, n_in=n_in, n_out=n_out, msg=msg)
-        self.n_x, self.n_out, self.width, self.msg, self.ticks = n_in - n_out, n_out, width, msg, ticks
-        self.cell = nn.LSTMCell(2 * (msg + 1), width)
-        self.fwd = nn.Linear(width, msg)
-        self.bwd = nn.Linear(width, msg)
+        self.cfg = dict(width=width, n_in=n_in, n_out=n_out)
+        self.n_x, self.n_out, self.width = n_in - n_out, n_out, width
+        self.cell = nn.LSTMCell(2 * (self.msg + 1), width)
+        self.fwd = nn.Linear(width, self.msg)
+        self.bwd = nn.Linear(width, self.msg)
+        haiku_init(self)
 
     def run(self, tokens):                                           # tokens (B, T, N_x + 10)
         B, T, _ = tokens.shape
         n_x, n_out, msg = self.n_x, self.n_out, self.msg
         x, y_prev = tokens[..., :n_x, None], tokens[..., n_x:, None]  # (B, T, N_x, 1), (B, T, 10, 1)
         h = c = tokens.new_zeros(B * n_x * n_out, self.width)
-        fwd_msg = tokens.new_zeros(B, n_out, msg)                    # last step's, to the outputs
-        bwd_msg = tokens.new_zeros(B, n_x, msg)                      # last step's, to the inputs
+        fwd_msg = tokens.new_zeros(B, n_out, msg)                    # f_j, last step's
+        bwd_msg = tokens.new_zeros(B, n_x, msg)                      # b_i, last step's
         outs = []
         for t in range(T):
             into_i = torch.cat([bwd_msg, x[:, t]], -1)               # (B, N_x, 9)
@@ -320,61 +408,89 @@ class VSML(Learner):
             outs.append(fwd_msg[..., 0])                             # (B, 10) logits
         return torch.stack(outs, 1), [h.view(B, -1), c.view(B, -1), fwd_msg, bwd_msg]
 
-    @staticmethod
-    def state_size_of(width, n_in, n_out=10, msg=8, **_):
+    @classmethod
+    def state_size_of(cls, width, n_in, n_out=10, **_):
         n_x = n_in - n_out
-        return 2 * width * n_x * n_out + msg * (n_out + n_x)
+        return 2 * width * n_x * n_out + cls.msg * (n_out + n_x)     # h, c; f and b
 
 
 # -----------------------------------------------------------------------------
-# Learning by gradient descent inside each sequence: the sgd and maml baselines
+# Learning by gradient descent inside each sequence: the sgd and maml baselines (the authors'
+# models.py SGD, with use_maml for maml)
 #
 # Each sequence gets its own 2-layer MLP (hidden `width`). At position t it first takes one
 # Adam step (lr 1e-3) on example t-1, whose label has just arrived, then predicts example t.
-# sgd starts every sequence from one fixed random init (so it is deterministic); maml
-# meta-learns that init through the unrolled inner loop. The
-# weights of all sequences are batched tensors (B, ...), so one autograd call steps them all.
+# sgd starts every sequence from its own random init; maml meta-learns one init through the
+# unrolled inner loop. The weights of all sequences are batched tensors (B, ...), so one
+# autograd call steps them all.
+
+def adam_step(w, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam's t-th step (t >= 1) on the lists of tensors w with gradients g and moments m, v:
+    w - lr m_hat / (sqrt(v_hat) + eps). Returns the new w, m, v. The root holds a tiny
+    constant so that its gradient, which maml's second-order meta-gradient takes, is finite
+    where v is 0."""
+    m = [b1 * a + (1 - b1) * d for a, d in zip(m, g)]
+    v = [b2 * a + (1 - b2) * d * d for a, d in zip(v, g)]
+    w = [p - lr * (a / (1 - b1 ** t)) / ((s / (1 - b2 ** t) + 1e-30).sqrt() + eps)
+         for p, a, s in zip(w, m, v)]
+    return w, m, v
+
+
+def sequence_seed(first_token):
+    """A seed for one sequence's init from the bytes of its first token (N_x + 10 floats).
+    The authors give each sequence its own key (hk.vmap with split_rng), which depends on where
+    the sequence sits in the batch; ours depends on the sequence alone, so results do not depend
+    on the batch layout or the device (the init is drawn on the CPU). The first token, not the
+    whole sequence: the output at t may depend on tokens 0..t only, and token 0 is among them.
+    (Python's hash() is salted per process; blake2b is not.)"""
+    data = first_token.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
 
 class GradientLearner(Learner):
     defaults = dict(width=128)
     meta_init = False
+    lr = 1e-3                                                        # the authors' learning_rate
 
-    def __init__(self, n_in, n_out, seq_len, width=128, n_layer=None, n_head=None, lr=1e-3):
+    def __init__(self, n_in, n_out, seq_len, width=128):
         super().__init__()
         self.cfg = dict(width=width, n_in=n_in, n_out=n_out)
-        self.n_x, self.lr = n_in - n_out, lr
+        self.n_x = n_in - n_out
         self.shapes = [(self.n_x, width), (width,), (width, n_out), (n_out,)]
         if self.meta_init:
             self.init = nn.ParameterList(nn.Parameter(self.random_init(s)) for s in self.shapes)
 
     @staticmethod
     def random_init(shape, generator=None):
-        """Weights std 1/sqrt(fan_in) (Haiku's default), biases zero."""
+        """As hk.Linear: weights truncated normal, std 1/sqrt(fan_in); biases zero."""
         if len(shape) == 1:
             return torch.zeros(shape)
-        return torch.randn(shape, generator=generator).clamp(-2, 2) / shape[0] ** 0.5
+        return trunc_normal(torch.empty(shape), shape[0] ** -0.5, generator)
 
-    def initial_weights(self, B, device):
+    def initial_weights(self, tokens):                               # -> [(B, ...)] per shape
+        B = tokens.shape[0]
         if self.meta_init:
             return [p.expand(B, *p.shape) for p in self.init]
-        # one fixed random init (drawn on the CPU, so the same on every device), shared by every
-        # sequence whatever the batch layout: each sequence still starts from scratch
-        g = torch.Generator().manual_seed(0)
-        return [self.random_init(s, generator=g).to(device).expand(B, *s) for s in self.shapes]
+        inits = []
+        for seed in map(sequence_seed, tokens[:, 0]):
+            g = torch.Generator().manual_seed(seed)
+            inits.append([self.random_init(s, g) for s in self.shapes])
+        return [torch.stack(ps).to(tokens.device) for ps in zip(*inits)]
 
     @staticmethod
     def mlp(w, x):                                                   # x (B, N_x) -> (B, 10)
-        h = torch.relu(torch.einsum("bi,bih->bh", x, w[0]) + w[1])
-        return torch.einsum("bh,bho->bo", h, w[2]) + w[3]
+        h = torch.relu(torch.einsum("bi,bih->bh", x, w[0]) + w[1])  # (B, width)
+        # a product and a sum, not einsum: on the CPU, batched matmul's (B, 1, width) x
+        # (B, width, 10) rows change in the last bits with B, and a sequence's result must not
+        return (h[:, :, None] * w[2]).sum(1) + w[3]
 
     def run(self, tokens):                                           # tokens (B, T, N_x + 10)
         B, T, _ = tokens.shape
         x, y_prev = tokens[..., :self.n_x], tokens[..., self.n_x:]
         second_order = self.meta_init and self.training and torch.is_grad_enabled()
-        w = self.initial_weights(B, tokens.device)
+        w = self.initial_weights(tokens)
         m = [torch.zeros_like(p) for p in w]
         v = [torch.zeros_like(p) for p in w]
-        b1, b2, eps = 0.9, 0.999, 1e-8
         outs = []
         with torch.enable_grad():                                    # inner gradients, even in eval
             for t in range(T):
@@ -384,11 +500,7 @@ class GradientLearner(Learner):
                     logp = torch.log_softmax(self.mlp(w, x[:, t - 1]), -1)
                     loss = -(logp * y_prev[:, t]).sum()              # sum: each sequence its own
                     g = torch.autograd.grad(loss, w, create_graph=second_order)
-                    m = [b1 * a + (1 - b1) * d for a, d in zip(m, g)]
-                    v = [b2 * a + (1 - b2) * d * d for a, d in zip(v, g)]
-                    # the root holds a tiny constant so that its second-order gradient is finite
-                    w = [p - self.lr * (a / (1 - b1 ** t)) / ((s / (1 - b2 ** t) + 1e-30).sqrt() + eps)
-                         for p, a, s in zip(w, m, v)]
+                    w, m, v = adam_step(w, g, m, v, t, self.lr)
                 outs.append(self.mlp(w, x[:, t]))
         return torch.stack(outs, 1), [p.reshape(B, -1) for p in (*w, *m, *v)]
 
@@ -407,49 +519,59 @@ class MAML(GradientLearner):
 
 
 # -----------------------------------------------------------------------------
-# One way to build any learner, by name, by width or by state size
+# One way to build any learner, by name, by size or by state size
 
 MODELS = {"transformer": Transformer, "lstm": LSTM, "outer_lstm": OuterLSTM, "fwm": FastWeightMemory,
           "mlp": MLP, "vsml": VSML, "sgd": SGD, "maml": MAML}
 
 
-def model_config(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, state_size=None):
-    """Fill in a learner's defaults and, given state_size, the width that reaches it exactly.
-    Returns the keyword arguments of the learner's constructor after n_in and n_out."""
+def model_config(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, state_size=None,
+                 key_size=None):
+    """Fill in a learner's defaults and, given state_size, the size that reaches it exactly
+    (the key size for the Transformer, the width for the others). Returns the keyword arguments
+    of the learner's constructor after n_in and n_out. A size the learner would ignore is a
+    one-line ValueError, not a silent default."""
     if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
     cls = MODELS[kind]
-    cfg = dict(cls.defaults, seq_len=seq_len)
-    cfg.update({k: v for k, v in dict(width=width, n_layer=n_layer, n_head=n_head).items()
-                if v is not None and k in cls.defaults})
+    given = {k: v for k, v in dict(width=width, n_layer=n_layer, n_head=n_head,
+                                   key_size=key_size).items() if v is not None}
+    for k in given:
+        if k not in cls.defaults:
+            raise ValueError(f"{k} does not apply to this learner (it takes "
+                             f"{', '.join(cls.defaults)})")
+    if state_size is not None and cls.sized_by in given:
+        raise ValueError(f"give {cls.sized_by} or state_size, not both: "
+                         f"state_size picks the {cls.sized_by}")
+    cfg = dict(cls.defaults, **given, seq_len=seq_len)
     if state_size is not None:
-        cfg["width"] = width_for_state(cls, state_size, dict(cfg, n_in=n_in))
-    if not cls.valid_width(**cfg):
-        raise ValueError(f"width {cfg['width']} is not valid for {kind} with {cfg}")
+        cfg[cls.sized_by] = solve_for_state(cls, state_size, dict(cfg, n_in=n_in))
     return cfg
 
 
-def width_for_state(cls, state_size, cfg, max_width=2 ** 16):
-    """The width whose state is exactly state_size, or an error naming the nearest ones."""
-    below = above = None
-    for w in range(1, max_width + 1):
-        if not cls.valid_width(**{**cfg, "width": w}):
-            continue
-        s = cls.state_size_of(**{**cfg, "width": w})
+def solve_for_state(cls, state_size, cfg, largest=2 ** 16):
+    """The value of cls.sized_by whose state is exactly state_size, or an error naming the
+    nearest reachable ones. Every state size grows with it, so count up until past."""
+    name, below, above = cls.sized_by, None, None
+    for n in range(1, largest + 1):
+        s = cls.state_size_of(**{**cfg, name: n})
         if s == state_size:
-            return w
+            return n
         if s < state_size:
             below = s
-        elif above is None:
+        else:
             above = s
             break
     near = " or ".join(str(s) for s in (below, above) if s is not None)
-    fixed = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("width", "n_in"))
-    raise ValueError(f"no width gives state size {state_size} for this learner ({fixed}); "
+    fixed = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in (name, "n_in"))
+    raise ValueError(f"no {name} gives state size {state_size} for this learner ({fixed}); "
                      f"the nearest reachable state sizes are {near}")
 
 
 def build(kind, n_in, n_out, **cfg):
+    if kind == "transformer" and "key_size" not in cfg:
+        # a checkpoint from before key_size was a parameter: the heads split the width
+        cfg["key_size"] = cfg["width"] // cfg["n_head"]
     return MODELS[kind](n_in, n_out, **cfg)
 
 

@@ -279,7 +279,9 @@ def test_tokens_carry_the_previous_label_and_zeros_first():
 
 
 def small(kind, seq_len=12, n_x=6):
-    cfg = models.model_config(kind, n_x + 10, seq_len, width=16, n_layer=2, n_head=2)
+    sizes = dict(width=16, n_layer=2, n_head=2, key_size=4)
+    cfg = models.model_config(kind, n_x + 10, seq_len, **{k: v for k, v in sizes.items()
+                                                          if k in models.MODELS[kind].defaults})
     torch.manual_seed(0)
     return models.build(kind, n_x + 10, 10, **cfg).eval()
 
@@ -311,6 +313,52 @@ def test_state_size_is_the_state_the_model_carries(kind):
     assert count(2) == 2 * model.state_size(T)                          # and nothing shared
 
 
+def test_transformer_state_is_the_kv_cache_whatever_the_width():
+    # 2 keys/values x 4 layers x 100 positions x 8 heads x key size 32, at any width
+    for width in (2, 64, 512):
+        cfg = models.model_config("transformer", 26, 100, width=width, key_size=32)
+        assert models.build("transformer", 26, 10, **cfg).state_size(100) == 204800
+    cfg = models.model_config("transformer", 26, 100, key_size=5)
+    assert models.build("transformer", 26, 10, **cfg).state_size(100) == 2 * 4 * 100 * 8 * 5
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_narrow_transformers_build_and_stay_causal(width):
+    T = 8
+    cfg = models.model_config("transformer", 16, T, width=width, n_layer=2)
+    torch.manual_seed(0)
+    model = models.build("transformer", 16, 10, **cfg).eval()
+    tokens = torch.randn(4, T, 16)
+    later = tokens.clone()
+    later[:, 5:] = torch.randn(4, T - 5, 16)
+    with torch.no_grad():
+        out, out_later = model(tokens), model(later)
+    assert out.shape == (4, T, 10)
+    assert torch.equal(out[:, :5], out_later[:, :5])                    # the past ignores the future
+    if width >= 2:  # (at width 1 LayerNorm maps every vector to its bias: blind by design)
+        assert not torch.allclose(out[:, 5:], out_later[:, 5:])         # and the future matters
+
+
+def test_lstm_gates_start_as_haikus():
+    for lstm in (small("lstm").lstm, small("fwm").lstm, small("vsml").cell):
+        h = lstm.hidden_size
+        for name, p in lstm.named_parameters():
+            if name.startswith("bias_ih"):                              # i, f, g, o
+                assert torch.equal(p[h:2 * h], torch.ones(h)), name
+                assert torch.equal(p[:h], torch.zeros(h)) and torch.equal(p[2 * h:], torch.zeros(2 * h))
+            elif name.startswith("bias_hh"):
+                assert torch.equal(p, torch.zeros_like(p)), name
+            elif name.startswith("weight_ih"):                          # fan-in: [x, h]
+                w = torch.cat([p, getattr(lstm, name.replace("ih", "hh"))], 1)
+                std = w.shape[1] ** -0.5
+                assert w.abs().max() <= 2 * std / 0.87962566 + 1e-7      # truncated at 2 sigma
+                assert w.abs().max() > 1.5 * std                        # and not narrower
+                assert abs(w.std().item() / std - 1) < 0.1, (name, w.std().item(), std)
+    lin = small("lstm").encoder[0]                                      # the encoder too
+    assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
+    assert lin.weight.abs().max() <= 2 * lin.in_features ** -0.5 / 0.87962566 + 1e-7
+
+
 def test_sgd_baseline_does_not_depend_on_the_batch_layout():
     model = models.build("sgd", 26, 10, **models.model_config("sgd", 26, 10)).eval()
     tokens = torch.randn(8, 10, 26)
@@ -318,14 +366,48 @@ def test_sgd_baseline_does_not_depend_on_the_batch_layout():
     assert torch.equal(whole[:1], model(tokens[:1])) and torch.equal(whole[3:5], model(tokens[3:5]))
 
 
-def test_state_size_flag_picks_the_width_or_names_the_nearest():
+def test_sgd_gives_each_sequence_its_own_init_from_its_content():
+    model = models.build("sgd", 26, 10, **models.model_config("sgd", 26, 10)).eval()
+    tokens = torch.randn(3, 10, 26)
+    tokens[1] = tokens[0]                                                # same content, twice
+    w0, _, w2, _ = model.initial_weights(tokens)                         # (3, 16, 128), (3, 128, 10)
+    assert torch.equal(w0[0], w0[1]) and torch.equal(w2[0], w2[1])
+    assert not torch.allclose(w0[0], w0[2]) and not torch.allclose(w2[0], w2[2])
+    again = model.initial_weights(tokens.clone())[0]                     # deterministic
+    assert torch.equal(again, w0)
+    std = 16 ** -0.5                                                     # hk.Linear's: 1/sqrt(fan_in)
+    assert w0.abs().max() <= 2 * std / 0.87962566 + 1e-7 and abs(w0.std().item() / std - 1) < 0.1
+    maml = models.build("maml", 26, 10, **models.model_config("maml", 26, 10))
+    w = maml.initial_weights(tokens)[0]                                  # one meta-learned init
+    assert torch.equal(w[0], w[2])
+
+
+def test_state_size_flag_picks_the_size_or_names_the_nearest():
     assert models.model_config("lstm", 206, 100, state_size=1024)["width"] == 512
     cfg = models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
-    assert cfg["width"] == 256
+    assert cfg["key_size"] == 32 and cfg["width"] == 512                 # the width stays
+    cfg = models.model_config("transformer", 206, 100, width=64, n_head=4, state_size=12800)
+    assert cfg["key_size"] == 4 and cfg["width"] == 64
     with pytest.raises(ValueError, match="nearest reachable state sizes are 6400 or 12800"):
         models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=10000)
     with pytest.raises(ValueError, match="1022 or 1024"):
         models.model_config("lstm", 206, 100, state_size=1023)
+
+
+@pytest.mark.parametrize("kind, sizes, match", [
+    ("lstm", dict(n_head=8), "n_head does not apply"),
+    ("lstm", dict(key_size=8), "key_size does not apply"),
+    ("fwm", dict(n_layer=2), "n_layer does not apply"),
+    ("mlp", dict(n_head=2), "n_head does not apply"),
+    ("outer_lstm", dict(n_layer=2), "n_layer does not apply"),
+    ("sgd", dict(n_layer=3), "n_layer does not apply"),
+    ("lstm", dict(width=64, state_size=1024), "width or state_size, not both"),
+    ("transformer", dict(key_size=8, state_size=204800), "key_size or state_size, not both"),
+])
+def test_model_config_rejects_what_a_learner_would_ignore(kind, sizes, match):
+    with pytest.raises(ValueError, match=match) as e:
+        models.model_config(kind, 26, 100, **sizes)
+    assert "\n" not in str(e.value)
 
 
 # -----------------------------------------------------------------------------
@@ -917,7 +999,8 @@ def test_bench_bad_flags_give_one_line_and_exit_2(flags):
 def test_reference_is_our_transformer_rebuilt_from_torch_nn():
     import bench
     torch.manual_seed(0)
-    ours = models.build("transformer", 59, 10, **models.model_config("transformer", 59, 10, 32, 2, 2))
+    ours = models.build("transformer", 59, 10,
+                        **models.model_config("transformer", 59, 10, 32, 2, 2, key_size=16))
     ref = bench.Reference(59, 10, 10, 32, 2, 2)
     tokens = torch.randn(3, 10, 59)
     with torch.no_grad():

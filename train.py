@@ -111,7 +111,7 @@ def get_parser():
     g.add_argument("--n-head", type=positive_int, help="attention heads (Transformer)")
     g.add_argument("--key-size", type=positive_int, help="per-head key size (Transformer)")
     g.add_argument("--state-size", type=positive_int,
-                   help="pick the width so that the learner's state is exactly this many floats")
+                   help="size the learner so that its state is exactly this many floats (the Transformer: its key size; the others: their width)")
     g = p.add_argument_group("meta-training")
     g.add_argument("--steps", type=positive_int, default=50_000, help="optimizer steps")
     g.add_argument("--batch-size", type=positive_int, default=128,
@@ -317,7 +317,7 @@ def meta_train(argv, stop):
     try:
         cfg = models.model_config(args.model, n_x + data.NUM_CLASSES, args.seq_len, args.width,
                                   args.n_layer, args.n_head, args.state_size,
-                                  **({"key_size": args.key_size} if args.key_size else {}))
+                                  key_size=args.key_size)
     except ValueError as e:
         parser.error(f"--model {args.model}: {e}")
     model_config = dict(kind=args.model, n_in=n_x + data.NUM_CLASSES, n_out=data.NUM_CLASSES, cfg=cfg)
