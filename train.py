@@ -111,7 +111,8 @@ def get_parser():
     g.add_argument("--n-head", type=positive_int, help="attention heads (Transformer)")
     g.add_argument("--key-size", type=positive_int, help="per-head key size (Transformer)")
     g.add_argument("--state-size", type=positive_int,
-                   help="size the learner so that its state is exactly this many floats (the Transformer: its key size; the others: their width)")
+                   help="size the learner so that its state is exactly this many floats "
+                        "(the Transformer by its key size, the others by their width)")
     g = p.add_argument_group("meta-training")
     g.add_argument("--steps", type=positive_int, default=50_000, help="optimizer steps")
     g.add_argument("--batch-size", type=positive_int, default=128,
