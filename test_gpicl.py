@@ -4,6 +4,7 @@ Tests for gpicl, on CPU and small: `python -m pytest -q test_gpicl.py`.
 Each test checks one claim the code or the README makes, and each can fail: the numbers they
 compare come from running the code, never from the code under test's own constants.
 """
+import argparse
 import csv
 import gzip
 import hashlib
@@ -438,6 +439,47 @@ def test_ctrl_c_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypa
     assert losses(cut) == losses(whole)                       # step 3 counted once, whole
 
 
+def test_time_budget_reads_durations_and_a_bad_one_is_one_line(tmp_path):
+    assert [train.duration(s) for s in ("300", "300s", "5m", "1.5h", " 2S ", ".5m")] == \
+        [300, 300, 300, 5400, 2, 30]
+    for bad in ("5x", "0", "-1", "1e3", "5ms", "inf", "nan", "", "m"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            train.duration(bad)
+    p = run_train([*TINY, "--steps", "1", "--time-budget", "5x", "--out-dir", str(tmp_path / "r")])
+    assert p.returncode == 2 and "'5x' is not a duration" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_time_budget_ends_the_run_as_its_last_step_would_and_resume_continues(tmp_path):
+    # log, evaluation and checkpoint intervals far beyond the run: all three come from the budget
+    out = tmp_path / "r"
+    args = [*TINY, "--log-every", "100000", "--eval-every", "100000", "--out-dir", str(out)]
+    p = run_train([*args, "--steps", "1000000", "--time-budget", "2s"])
+    assert p.returncode == 0, p.stderr
+    summary = json.load(open(out / "summary.json"))
+    n = summary["step"]
+    assert summary["stopped_by"] == "time_budget" and 0 < n < 1000000
+    assert 2.0 <= summary["train_time_s"] < 10
+    assert f"stopped on the time budget (2 s) at step {n} of 1000000" in p.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == n and ckpt["last_logged"] == n
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == [n, n] and "loss" in records[0]
+    assert records[1]["eval"]["unseen mnist"]["last"] == summary["results"]["unseen mnist"]["last"]
+    # resumed without a budget, it runs on to --steps
+    p = run_train([*args, "--steps", str(n + 3), "--resume"])
+    assert p.returncode == 0, p.stderr
+    summary = json.load(open(out / "summary.json"))
+    assert summary["step"] == n + 3 and summary["stopped_by"] == "steps"
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "eval" in r] == [n, n + 3]
+    # resumed with one, the budget counts from the resume, not from the run's first step
+    p = run_train([*args, "--steps", "1000000", "--time-budget", "1", "--resume"])
+    assert p.returncode == 0, p.stderr
+    later = json.load(open(out / "summary.json"))
+    assert later["stopped_by"] == "time_budget" and later["step"] >= n + 3 + 3
+    assert later["train_time_s"] >= summary["train_time_s"] + 1
+
+
 def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
     p = run_train(["--model", "lstm", "--state-size", "1024", "--steps", "1", "--batch-size", "2",
                    "--seq-len", "10", "--eval-tasks", "1", "--eval-seqs", "2",
@@ -686,6 +728,27 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path):
                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert [s for s, _ in losses(out)] == list(range(10, ckpt["step"] + 11, 10))
+
+
+def test_time_budget_under_torchrun_stops_every_rank_at_one_step(tmp_path):
+    # rank 0 decides at a loss record's all-reduce; a rank that stopped alone would leave the
+    # other waiting in the next all-reduce (the test's timeout)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "r"
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *DDP_TINY, "--log-every", "10",
+                        "--eval-every", "100000", "--steps", "100000", "--time-budget", "2",
+                        "--out-dir", str(out)],
+                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("stopped on the time budget") == 1, p.stdout[-2000:]
+    summary = json.load(open(out / "summary.json"))
+    n = summary["step"]
+    assert summary["stopped_by"] == "time_budget" and n % 10 == 0 and 10 <= n < 100000
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == n
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert records[-1]["step"] == n and "eval" in records[-1]
+    assert [r["step"] for r in records if "loss" in r] == list(range(10, n + 1, 10))
 
 
 # -----------------------------------------------------------------------------
