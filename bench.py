@@ -23,15 +23,46 @@ inputs, timed as the median over --repeats repeats of --steps calls each (warm-u
    The batched hash is built for the GPU, where the reference pays a host round trip and a few
    small launches per sequence; on one CPU thread, torch's Mersenne Twister randn is faster than
    our op-by-op eager hash, and slower than its --compile'd, fused form.
+
+The GPU suite, one command for the numbers a GPU should give this project (about 8 minutes on
+one GPU; --dry-run: tiny sizes on the CPU in under a minute, to check the plumbing):
+
+    python bench.py suite --out DIR [--dry-run] [-- more train.py flags, e.g. --compile]
+
+It runs four stages, each a subprocess with its own time limit (one slow stage cannot eat the
+others' time; a failed one is recorded and the suite carries on), in this order:
+  bench eager     the comparisons above at the paper's sizes: d_model 256 (train.py's default)
+                  and the authors' 512, 4 layers, 8 heads, meta-batch 128 and 512, 100 examples
+                  of 14x14 MNIST; MFU is against --peak-tflops, the bf16 dense peak (989 TFLOP/s
+                  on an H100 or H200 SXM)
+  train           train.py with its defaults (the Transformer above at d_model 256, batch 128)
+                  under --time-budget (--train-budget, 4.5 minutes, shortened if the bench took
+                  long), evaluating every 500 steps; from log.jsonl's wall times: the seconds of
+                  training until unseen-task MNIST accuracy at the last example first reaches
+                  0.5, 0.65 and 0.737 (the paper's Table 1), None where it does not
+  table1          metatest.py table1 on that checkpoint: MNIST, UCI digits and Random, which
+                  ship with the code (the other columns say "missing" unless fetched)
+  bench compiled  the same grid with --compile, in the time that is left, most wanted first
+The learner's flags go to train.py after `--`. DIR receives at most 8 files: suite.log (all
+console output), bench.json, log.jsonl and summary.json (train.py's), table1.md, table1.json,
+and suite.json (stages, times to accuracy, the numbers of the printed summary); the
+checkpoint stays in a temporary folder that is removed at the end.
 """
 import argparse
+import functools
 import json
 import math
 import os
 import resource
+import shlex
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.nn as nn
@@ -39,7 +70,9 @@ import torch.nn as nn
 import data
 import gpicl
 import models
-from train import MAX_TASKS, Parser, check_device, nonneg_int, positive_float, positive_int, typed
+import train
+from train import (MAX_TASKS, Parser, check_device, duration, nonneg_int, positive_float,
+                   positive_int, typed)
 
 
 def get_parser():
@@ -124,6 +157,12 @@ def reference_tasks(x, y, task_ids, seed, num_tasks):
 # -----------------------------------------------------------------------------
 # Timing
 
+@functools.lru_cache(maxsize=1)
+def mnist_train(image_size, device):
+    """MNIST's train split, loaded once per process: the suite runs several benchmarks in one."""
+    return data.load_dataset("mnist", image_size, device)["train"]
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -168,8 +207,7 @@ def main(argv=None):
                      "reference's heads split the width, so ours get key_size = width / n_head")
     cfg = models.model_config("transformer", n_in, T, args.width, args.n_layer, args.n_head,
                               key_size=args.width // args.n_head)
-    # (N, N_x), (N,)
-    x_train, y_train = data.load_dataset("mnist", args.image_size, args.device)["train"]
+    x_train, y_train = mnist_train(args.image_size, args.device)  # (N, N_x), (N,)
     torch.manual_seed(seed)
     ours = models.build("transformer", n_in, data.NUM_CLASSES, **cfg).to(args.device)
     ref = Reference(n_in, data.NUM_CLASSES, T, args.width, args.n_layer, args.n_head)
@@ -268,5 +306,310 @@ def main(argv=None):
     return result
 
 
+# -----------------------------------------------------------------------------
+# The GPU suite: the benchmark at the paper's sizes, a timed meta-training run and Table 1
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+THRESHOLDS = "0.5,0.65,0.737"  # 0.737: the paper's Transformer on unseen MNIST tasks (Table 1)
+SUITE_FILES = ("suite.log", "bench.json", "log.jsonl", "summary.json", "table1.md", "table1.json",
+               "suite.json")
+SIZES = {  # the stages' sizes: the paper's, and tiny ones that check the plumbing on a CPU
+    "gpu": dict(widths=(256, 512), batch_sizes=(128, 512),
+                bench=["--n-layer", "4", "--n-head", "8", "--image-size", "14", "--seq-len", "100"],
+                train=["--eval-every", "500"], table1=[]),
+    "dry": dict(widths=(16, 32), batch_sizes=(4, 8),
+                bench=["--n-layer", "1", "--n-head", "2", "--image-size", "7", "--seq-len", "10",
+                       "--steps", "2", "--warmup", "1", "--repeats", "3", "--threads", "1"],
+                train=["--image-size", "7", "--seq-len", "10", "--batch-size", "8", "--width", "16",
+                       "--n-layer", "1", "--n-head", "2", "--eval-tasks", "2", "--eval-seqs", "4",
+                       "--eval-every", "50", "--steps", "1000000", "--threads", "1"],
+                table1=["--threads", "1"]),
+}
+
+
+def time_to_accuracy(records, thresholds, key="unseen mnist"):
+    """{threshold: the log's wall time (seconds of training, evaluations included) at the first
+    evaluation whose accuracy at the last example reaches it, or None} from log.jsonl records."""
+    evals = [(r["time"], r["eval"][key]["last"]) for r in records if key in r.get("eval", {})]
+    return {str(t): next((s for s, acc in evals if acc >= t), None) for t in thresholds}
+
+
+def suite_parser():
+    p = Parser(prog="bench.py suite", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="The GPU suite: benchmark, timed meta-training, Table 1 (see the "
+                           "docstring of bench.py).")
+    p.add_argument("--out", required=True, help="folder for the suite's files (at most 8)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny sizes on the CPU, under a minute: checks the plumbing")
+    p.add_argument("--device", default="auto", help="auto (cuda, then cpu), or a torch device")
+    p.add_argument("--minutes", type=positive_float,
+                   help="wall-time limit of all stages together (default: 8, dry run 2)")
+    p.add_argument("--train-budget", type=duration,
+                   help="train.py --time-budget, shrunk if the stages before it leave less "
+                        "(default: 4.5m, dry run 3s)")
+    p.add_argument("--peak-tflops", type=positive_float, default=989.0,
+                   help="the bf16 dense peak for MFU (H100 and H200 SXM: 989)")
+    p.add_argument("--thresholds", default=THRESHOLDS,
+                   type=lambda s: [typed(float, lambda v: 0 <= v <= 1, "an accuracy in [0, 1]")(t)
+                                   for t in s.split(",")],
+                   help="unseen MNIST accuracies whose time to reach the suite reports")
+    return p
+
+
+class Stages:
+    """Runs each stage as a subprocess with its own time limit, all output into suite.log, and
+    keeps the suite's deadline."""
+
+    def __init__(self, log_path, minutes):
+        self.log_path, self.deadline = log_path, time.time() + 60 * minutes
+        self.start, self.report = time.time(), {}
+
+    def left(self):
+        return self.deadline - time.time()
+
+    def say(self, line):
+        print(line, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    def run(self, name, cmd, limit, env=None):
+        """Run cmd for at most limit seconds (and never past the deadline); True if it succeeded.
+        A stage that fails or times out is recorded with the end of its output, and the suite
+        carries on."""
+        limit = max(1.0, min(limit, self.left()))
+        self.say(f"\n[{name}] {shlex.join(cmd)}  (limit {limit:.0f} s)")
+        begin, t = os.path.getsize(self.log_path), time.time()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        with open(self.log_path, "a") as log:
+            # its own process group, so that a timeout also ends its workers (torch.compile's)
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env,
+                                 start_new_session=True)
+            try:
+                status = "ok" if p.wait(timeout=limit) == 0 else f"failed (exit {p.returncode})"
+            except BaseException as e:  # the time limit, or Ctrl-C on the suite
+                with suppress(ProcessLookupError):  # none left, if it had just ended
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                if not isinstance(e, subprocess.TimeoutExpired):
+                    raise
+                status = f"timed out after {limit:.0f} s"
+        self.report[name] = dict(status=status, seconds=round(time.time() - t, 1))
+        if status != "ok":
+            with open(self.log_path, errors="replace") as f:
+                f.seek(begin)
+                tail = f.read().replace("\r", "\n").strip().splitlines()[-5:]
+            self.report[name]["tail"] = tail
+            self.say(f"[{name}] {status}; the end of its output:\n  " + "\n  ".join(tail))
+        return status == "ok"
+
+
+def bench_grid(sizes, device, compiled, peak_tflops):
+    """The bench.py argument lists of one stage, most wanted first: the paper's one-GPU setting
+    (the smaller width and batch), then the authors' width, then the larger batch."""
+    flags = ["--device", device, "--peak-tflops", str(peak_tflops), *sizes["bench"]]
+    return [[*flags, "--width", str(w), "--batch-size", str(b), *(["--compile"] * compiled)]
+            for b in sizes["batch_sizes"] for w in sizes["widths"]]
+
+
+def grid(spec_path, out_path):
+    """`python bench.py grid SPEC OUT` (the suite's bench stages): main() for each argument list
+    in the JSON file SPEC, in one process (one start-up, MNIST loaded once), one JSON line per
+    run appended to OUT as it finishes, so that a stage stopped at its limit keeps what it has."""
+    for argv in json.load(open(spec_path)):
+        torch._dynamo.reset()  # each run compiles afresh, with static shapes, as in its own process
+        try:
+            record = dict(argv=argv, result=main(argv))
+        except SystemExit as e:  # a flag error, already printed
+            record = dict(argv=argv, error=f"bench.py exited with {e.code}")
+        except Exception as e:  # e.g. out of memory at the largest size: the next run still runs
+            record = dict(argv=argv, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            print(record["error"], flush=True)
+        with open(out_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def bench_stage(stages, name, grid_argvs, work, limit, env=None):
+    """One grid of benchmarks in one subprocess: [(argv, result or None, error or None)]."""
+    stem = os.path.join(work, name.replace(" ", "_"))
+    spec, out = stem + ".json", stem + ".jsonl"
+    with open(spec, "w") as f:
+        json.dump(grid_argvs, f)
+    stages.run(name, [sys.executable, os.path.join(HERE, "bench.py"), "grid", spec, out], limit, env)
+    done = ([json.loads(l) for l in open(out) if l.endswith("\n")]  # a kill may cut the last
+            if os.path.exists(out) else [])
+    runs = [(r["argv"], r.get("result"), r.get("error")) for r in done]
+    return runs + [(a, None, f"not reached: {stages.report[name]['status']}")
+                   for a in grid_argvs[len(done):]]
+
+
+def bench_rows(runs, compiled):
+    """The numbers of each benchmark for bench.json and the summary."""
+    rows = []
+    for argv, r, error in runs:
+        row = dict(width=int(argv[argv.index("--width") + 1]),
+                   batch_size=int(argv[argv.index("--batch-size") + 1]), compiled=compiled)
+        if r is None:
+            rows.append(dict(row, error=error))
+            continue
+        ours, ref = r["step"]["ours"], r["step"]["ref"]
+        rows.append(dict(row, ours_ms=ours["ms"], ref_ms=ref["ms"], step_ratio=r["step_ratio"],
+                         ours_tok_per_s=ours["tok_per_s"], ref_tok_per_s=ref["tok_per_s"],
+                         ours_mfu=ours["mfu"], ref_mfu=ref["mfu"], task_share=r["task_share"],
+                         task_ratio=r["task_ratio"], ours_peak_mib=ours["peak_mib"],
+                         ref_peak_mib=ref["peak_mib"], max_abs_logit_diff=r["max_abs_logit_diff"],
+                         full=r))
+    return rows
+
+
+def parse_suite(argv):
+    """`bench.py suite FLAGS [-- TRAIN_FLAGS]` -> (args, train.py's argv without the budget and
+    the folder, its parsed flags); every error is one line, before anything runs."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = suite_parser()
+    args = parser.parse_args(argv[:cut])
+    sizes = SIZES["dry" if args.dry_run else "gpu"]
+    if args.device == "auto":
+        args.device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
+    check_device(parser, args.device)
+    args.minutes = args.minutes or (2 if args.dry_run else 8)
+    args.train_budget = args.train_budget or (3 if args.dry_run else 270)
+    train_argv = ["--device", args.device, *sizes["train"], *argv[cut + 1:]]
+    train_parser = train.get_parser()
+    train_parser.prog = "train.py (the flags after --)"
+    train_flags = train_parser.parse_args(train_argv)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: {e.strerror}")
+    there = [f for f in SUITE_FILES if os.path.exists(os.path.join(args.out, f))]
+    if there:
+        parser.error(f"--out {args.out} already holds {', '.join(there)}; choose another folder")
+    return args, sizes, train_argv, train_flags
+
+
+def train_stage(stages, args, train_argv, work):
+    """train.py under a time budget that leaves time for Table 1 and the compiled benchmark;
+    its log.jsonl and summary.json are copied to --out. -> (argv, records, summary, ckpt)."""
+    budget = max(1.0, min(args.train_budget, stages.left() - (30 if args.dry_run else 120)))
+    argv = [*train_argv, "--time-budget", f"{budget:g}"]
+    run_dir = os.path.join(work, "run")
+    stages.run("train", [sys.executable, os.path.join(HERE, "train.py"), *argv, "--out-dir", run_dir],
+               budget + (30 if args.dry_run else 90), env=dict(TQDM_MININTERVAL="10"))
+    for f in ("log.jsonl", "summary.json"):
+        if os.path.exists(os.path.join(run_dir, f)):
+            shutil.copy(os.path.join(run_dir, f), args.out)
+    log, summary = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "summary.json")
+    records = ([json.loads(l) for l in open(log) if l.endswith("\n")]  # a killed run's last
+               if os.path.exists(log) else [])                          # line may be cut
+    summary = json.load(open(summary)) if os.path.exists(summary) else {}
+    return argv, records, summary, os.path.join(run_dir, "ckpt.pt")
+
+
+def suite(argv):
+    """The four stages, then suite.json, bench.json and one screen of numbers."""
+    args, sizes, train_argv, train_flags = parse_suite(argv)
+    stages = Stages(os.path.join(args.out, "suite.log"), args.minutes)
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
+    stages.say(f"GPU suite{' (dry run)' if args.dry_run else ''} | {args.device}"
+               f"{f' ({gpu})' if gpu else ''} | torch {torch.__version__} | limit "
+               f"{args.minutes:g} min | files -> {os.path.abspath(args.out)}")
+    if not args.dry_run and not gpu:
+        stages.say("note: no GPU; the suite's sizes take long here (--dry-run checks the plumbing)")
+    grid_of = lambda compiled: bench_grid(sizes, args.device, compiled, args.peak_tflops)
+
+    def interrupt(signum, frame):  # a kill (a time limit around the suite) ends the stage too
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpicl-suite-") as work:
+            eager = bench_stage(stages, "bench eager", grid_of(False), work, 90)  # cheap, first
+            run_argv, records, summary, ckpt = train_stage(stages, args, train_argv, work)
+            if os.path.exists(ckpt):
+                stages.run("table1", [sys.executable, os.path.join(HERE, "metatest.py"),
+                                      "--device", args.device, *sizes["table1"], "table1", ckpt,
+                                      "--out-dir", args.out,
+                                      *(["--tasks", "4", "--seqs", "8"] if args.dry_run else [])], 60)
+            else:
+                stages.report["table1"] = dict(status="skipped: no checkpoint", seconds=0.0)
+            # on a CPU compiling takes minutes: the dry run checks this stage's plumbing only
+            compiled = bench_stage(stages, "bench compiled", grid_of(True), work, stages.left() - 5,
+                                   env=dict(TORCH_COMPILE_DISABLE="1") if args.dry_run else None)
+    except KeyboardInterrupt:
+        stages.say(f"\ninterrupted; what the stages printed is in {stages.log_path}")
+        sys.exit(130)
+
+    # --- what the stages measured: bench.json, suite.json and one screen
+    rows = bench_rows(eager, False) + bench_rows(compiled, True)
+    note = ("dry run: tiny sizes on the CPU; compiled rows ran with TORCH_COMPILE_DISABLE=1, so "
+            "they check the plumbing, not torch.compile" if args.dry_run else None)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(device=args.device, gpu=gpu, peak_tflops=args.peak_tflops,
+                       precision="bf16 autocast, TF32 matmuls" if gpu else "fp32", note=note,
+                       runs=rows), f, indent=1)
+    table1 = os.path.join(args.out, "table1.json")
+    table1 = json.load(open(table1))["checkpoints"][0] if os.path.exists(table1) else None
+    result = dict(
+        dry_run=args.dry_run, device=args.device, gpu=gpu, torch=torch.__version__,
+        limit_s=60 * args.minutes, wall_s=round(time.time() - stages.start, 1),
+        stages=stages.report,
+        train=dict(argv=run_argv, seq_len=train_flags.seq_len,
+                   **{k: summary.get(k) for k in ("step", "stopped_by", "train_time_s")},
+                   log_wall_s=max((r["time"] for r in records), default=None),
+                   unseen_mnist_last=summary.get("results", {}).get("unseen mnist", {}).get("last")),
+        time_to_unseen_mnist_acc_at_last=time_to_accuracy(records, args.thresholds),
+        table1_pct=table1 and {k: table1["accuracy_pct"][k] for k in ("MNIST", "UCI digits", "Random")},
+        bench=[{k: v for k, v in r.items() if k != "full"} for r in rows], bench_note=note,
+        peak_tflops=args.peak_tflops)
+    with open(os.path.join(args.out, "suite.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    for line in summary_lines(result):
+        stages.say(line)
+    return result
+
+
+def summary_lines(r):
+    """One screen: the benchmark table, the meta-training run, Table 1 and the stages."""
+    pct = lambda v: "" if v is None else f"{v:.1%}"
+    mib = lambda a, b: "" if a is None else f"{a:,.0f}/{b:,.0f}"
+    lines = ["", f"=== GPU suite{' (dry run)' if r['dry_run'] else ''} | {r['device']}"
+                 f"{' ' + r['gpu'] if r['gpu'] else ''} | torch {r['torch']} | {r['wall_s']:.0f} s "
+                 f"of {r['limit_s']:.0f} ===",
+             f"training step, ours vs plain PyTorch (median ms/step); MFU against "
+             f"{r['peak_tflops']:g} TFLOP/s, the bf16 dense peak (--peak-tflops)",
+             f"{'d_model':>7} {'batch':>5} {'mode':<8} {'ours ms':>8} {'ref ms':>8} {'ours/ref':>8} "
+             f"{'ours tok/s':>11} {'MFU':>6} {'tasks':>6} {'peak MiB ours/ref':>18}",
+             "(tasks: making the meta-batch's share of a step, sample / (sample + step))"]
+    for b in r["bench"]:
+        head = f"{b['width']:>7} {b['batch_size']:>5} {'compiled' if b['compiled'] else 'eager':<8}"
+        lines.append(f"{head} {b['error']}" if "error" in b else
+                     f"{head} {b['ours_ms']:8.2f} {b['ref_ms']:8.2f} {b['step_ratio']:8.3f} "
+                     f"{b['ours_tok_per_s']:11,.0f} {pct(b['ours_mfu']):>6} "
+                     f"{pct(b['task_share']):>6} {mib(b['ours_peak_mib'], b['ref_peak_mib']):>18}")
+    if r["bench_note"]:
+        lines.append(f"({r['bench_note']})")
+    t, T = r["train"], r["train"]["seq_len"]
+    lines.append(f"meta-training: train.py {' '.join(t['argv'][2:])}")
+    if t["step"] is not None:
+        lines.append(f"  {t['step']} steps in {t['train_time_s']} s, stopped by {t['stopped_by']}; "
+                     f"unseen MNIST acc@{T} {t['unseen_mnist_last']:.3f}")
+    lines.append(f"seconds of training to unseen MNIST acc@{T} >= " + " | ".join(
+        f"{k}: {'None' if v is None else f'{v:.1f}'}"
+        for k, v in r["time_to_unseen_mnist_acc_at_last"].items()))
+    if r["table1_pct"]:
+        lines.append(f"Table 1, acc % at example {T} on unseen tasks: " + " | ".join(
+            f"{k} {c['acc']:.1f} ± {c['ci']:.1f}" if "acc" in c else f"{k} missing"
+            for k, c in r["table1_pct"].items()))
+    lines.append("stages: " + " | ".join(f"{k} {v['status']} ({v['seconds']:.0f} s)"
+                                         for k, v in r["stages"].items()))
+    return lines
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["suite"]:
+        suite(sys.argv[2:])
+    elif sys.argv[1:2] == ["grid"] and len(sys.argv) == 4:
+        grid(*sys.argv[2:])
+    else:
+        main()

@@ -4,6 +4,7 @@ Tests for gpicl, on CPU and small: `python -m pytest -q test_gpicl.py`.
 Each test checks one claim the code or the README makes, and each can fail: the numbers they
 compare come from running the code, never from the code under test's own constants.
 """
+import argparse
 import csv
 import gzip
 import hashlib
@@ -704,6 +705,47 @@ def test_adam_matches_optax_formula_with_eps_root():
     assert abs(q.item()) < 0.01 and abs(r.item()) > 0.09
 
 
+def test_time_budget_reads_durations_and_a_bad_one_is_one_line(tmp_path):
+    assert [train.duration(s) for s in ("300", "300s", "5m", "1.5h", " 2S ", ".5m")] == \
+        [300, 300, 300, 5400, 2, 30]
+    for bad in ("5x", "0", "-1", "1e3", "5ms", "inf", "nan", "", "m"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            train.duration(bad)
+    p = run_train([*TINY, "--steps", "1", "--time-budget", "5x", "--out-dir", str(tmp_path / "r")])
+    assert p.returncode == 2 and "'5x' is not a duration" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_time_budget_ends_the_run_as_its_last_step_would_and_resume_continues(tmp_path):
+    # log, evaluation and checkpoint intervals far beyond the run: all three come from the budget
+    out = tmp_path / "r"
+    args = [*TINY, "--log-every", "100000", "--eval-every", "100000", "--out-dir", str(out)]
+    p = run_train([*args, "--steps", "1000000", "--time-budget", "2s"])
+    assert p.returncode == 0, p.stderr
+    summary = json.load(open(out / "summary.json"))
+    n = summary["step"]
+    assert summary["stopped_by"] == "time_budget" and 0 < n < 1000000
+    assert 2.0 <= summary["train_time_s"] < 10
+    assert f"stopped on the time budget (2 s) at step {n} of 1000000" in p.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == n and ckpt["last_logged"] == n
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == [n, n] and "loss" in records[0]
+    assert records[1]["eval"]["unseen mnist"]["last"] == summary["results"]["unseen mnist"]["last"]
+    # resumed without a budget, it runs on to --steps
+    p = run_train([*args, "--steps", str(n + 3), "--resume"])
+    assert p.returncode == 0, p.stderr
+    summary = json.load(open(out / "summary.json"))
+    assert summary["step"] == n + 3 and summary["stopped_by"] == "steps"
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "eval" in r] == [n, n + 3]
+    # resumed with one, the budget counts from the resume, not from the run's first step
+    p = run_train([*args, "--steps", "1000000", "--time-budget", "1", "--resume"])
+    assert p.returncode == 0, p.stderr
+    later = json.load(open(out / "summary.json"))
+    assert later["stopped_by"] == "time_budget" and later["step"] >= n + 3 + 3
+    assert later["train_time_s"] >= summary["train_time_s"] + 1
+
+
 def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
     p = run_train(["--model", "lstm", "--state-size", "1024", "--steps", "1", "--batch-size", "2",
                    "--seq-len", "10", "--eval-tasks", "1", "--eval-seqs", "2",
@@ -954,6 +996,27 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     assert [s for s, _ in losses(out)] == list(range(10, ckpt["step"] + 11, 10))
 
 
+def test_time_budget_under_torchrun_stops_every_rank_at_one_step(tmp_path):
+    # rank 0 decides at a loss record's all-reduce; a rank that stopped alone would leave the
+    # other waiting in the next all-reduce (the test's timeout)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "r"
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *DDP_TINY, "--log-every", "10",
+                        "--eval-every", "100000", "--steps", "100000", "--time-budget", "2",
+                        "--out-dir", str(out)],
+                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("stopped on the time budget") == 1, p.stdout[-2000:]
+    summary = json.load(open(out / "summary.json"))
+    n = summary["step"]
+    assert summary["stopped_by"] == "time_budget" and n % 10 == 0 and 10 <= n < 100000
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == n
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert records[-1]["step"] == n and "eval" in records[-1]
+    assert [r["step"] for r in records if "loss" in r] == list(range(10, n + 1, 10))
+
+
 # -----------------------------------------------------------------------------
 # The benchmark (bench.py): runs at tiny sizes, and its numbers hang together
 
@@ -1010,6 +1073,108 @@ def test_reference_is_our_transformer_rebuilt_from_torch_nn():
         later = tokens.clone()
         later[:, 5:] += 1                                                 # and causal, like ours
         assert torch.equal(ref(tokens)[:, :5], ref(later)[:, :5])
+
+
+def test_time_to_accuracy_is_the_first_evaluation_that_reaches_each_threshold():
+    import bench
+    evaluation = lambda t, acc: {"step": 1, "time": t, "eval": {"unseen mnist": {"last": acc}}}
+    records = [{"step": 1, "loss": 2.0, "time": 0.5}, evaluation(1.0, 0.3), evaluation(2.0, 0.6),
+               evaluation(3.0, 0.5), evaluation(4.0, 0.7)]
+    assert bench.time_to_accuracy(records, [0.5, 0.65, 0.737]) == \
+        {"0.5": 2.0, "0.65": 4.0, "0.737": None}
+
+
+SUITE_FILES = ["bench.json", "log.jsonl", "suite.json", "suite.log", "summary.json", "table1.json",
+               "table1.md"]
+
+
+def test_gpu_suite_dry_run_writes_its_files_and_numbers_that_agree(tmp_path):
+    out = tmp_path / "suite"
+    p = subprocess.run([PY, os.path.join(HERE, "bench.py"), "suite", "--out", str(out), "--dry-run",
+                        "--thresholds", "0,0.99"], capture_output=True, text=True, cwd=HERE,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(os.listdir(out)) == SUITE_FILES                       # at most 8, nothing else
+    r = json.load(open(out / "suite.json"))
+    assert {k: v["status"] for k, v in r["stages"].items()} == \
+        {"bench eager": "ok", "train": "ok", "table1": "ok", "bench compiled": "ok"}
+    assert 0 < r["wall_s"] <= r["limit_s"]
+    # meta-training stopped on its budget, with a final evaluation at its last step
+    summary = json.load(open(out / "summary.json"))
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    evals = [x for x in records if "eval" in x]
+    assert summary["stopped_by"] == "time_budget" and r["train"]["step"] == summary["step"]
+    assert evals[-1]["step"] == summary["step"] and "--time-budget" in r["train"]["argv"]
+    # times to accuracy, recomputed here from the log: 0 is reached at the first evaluation
+    reached = {str(t): next((x["time"] for x in evals if x["eval"]["unseen mnist"]["last"] >= t),
+                            None) for t in (0.0, 0.99)}
+    assert r["time_to_unseen_mnist_acc_at_last"] == reached and reached["0.0"] == evals[0]["time"]
+    for t in reached.values():
+        assert t is None or 0 < t <= r["train"]["log_wall_s"] <= summary["train_time_s"] + 0.1
+    # the benchmark: two widths x two batch sizes, eager and compiled, each beside the reference
+    b = json.load(open(out / "bench.json"))
+    assert sorted((x["width"], x["batch_size"], x["compiled"]) for x in b["runs"]) == \
+        sorted((w, n, c) for w in (16, 32) for n in (4, 8) for c in (False, True))
+    for x in b["runs"]:
+        cfg = x["full"]["config"]
+        assert (cfg["width"], cfg["batch_size"], cfg["compile"]) == \
+            (x["width"], x["batch_size"], x["compiled"])
+        assert x["ours_ms"] > 0 and x["ref_ms"] > 0 and x["step_ratio"] > 0 and x["task_ratio"] > 0
+        assert x["ours_tok_per_s"] == pytest.approx(x["batch_size"] * 10 / (x["ours_ms"] / 1e3))
+        assert 0 < x["task_share"] < 1 and x["max_abs_logit_diff"] < 1e-5
+    assert [{k: v for k, v in x.items() if k != "full"} for x in b["runs"]] == r["bench"]
+    # Table 1 of the run's checkpoint on the shipped datasets
+    row = json.load(open(out / "table1.json"))["checkpoints"][0]
+    md = open(out / "table1.md").read()
+    assert row["step"] == summary["step"] and row["seq_len"] == r["train"]["seq_len"] == 10
+    for k in ("MNIST", "UCI digits", "Random"):
+        c = row["accuracy_pct"][k]
+        assert r["table1_pct"][k] == c and 0 <= c["acc"] <= 100 and f"{c['acc']:.2f} ± " in md
+    # one screen at the end, and every console line in suite.log with the stages' output
+    screen = p.stdout[p.stdout.index("=== GPU suite"):].splitlines()
+    assert len(screen) <= 25 and any(l.startswith("stages: bench eager ok") for l in screen)
+    log = open(out / "suite.log").read()
+    assert all(l in log for l in p.stdout.splitlines()) and "stopped on the time budget" in log
+
+
+def test_suite_stage_that_fails_or_overruns_is_recorded_and_the_suite_goes_on(tmp_path):
+    import bench
+    stages = bench.Stages(str(tmp_path / "suite.log"), minutes=1)
+    t = time.time()
+    stages.run("slow", [PY, "-c", "import time; print('working'); time.sleep(60)"], limit=1)
+    assert time.time() - t < 20                                          # ended at its limit
+    stages.run("bad", [PY, "-c", "import sys; print('oops'); sys.exit(3)"], limit=30)
+    stages.run("good", [PY, "-c", "print('fine')"], limit=30)
+    report = stages.report
+    assert report["slow"]["status"] == "timed out after 1 s" and report["slow"]["tail"] == ["working"]
+    assert report["bad"]["status"] == "failed (exit 3)" and report["bad"]["tail"] == ["oops"]
+    assert report["good"]["status"] == "ok" and "tail" not in report["good"]
+    assert "fine" in open(tmp_path / "suite.log").read()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--out"), (["--thresholds", "0.5,2"], "accuracy in [0, 1]"),
+    (["--dry-run", "--", "--width", "-3"], "train.py (the flags after --)"),
+    (["--dry-run", "--", "--no-such-flag"], "unrecognized arguments"),
+])
+def test_suite_bad_flags_give_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    import bench
+    out = ["--out", str(tmp_path / "s")] if flags else []
+    with pytest.raises(SystemExit) as stopped:
+        bench.suite([*out, *flags])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_suite_refuses_a_folder_that_holds_a_suites_files(tmp_path, capsys):
+    import bench
+    (tmp_path / "suite.json").write_text("{}")
+    with pytest.raises(SystemExit) as stopped:
+        bench.suite(["--out", str(tmp_path), "--dry-run"])
+    assert stopped.value.code == 2 and "already holds suite.json" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["suite.json"]
+    assert (tmp_path / "suite.json").read_text() == "{}"                # nothing written is lost
 
 
 # -----------------------------------------------------------------------------

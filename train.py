@@ -16,6 +16,7 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,15 @@ nonneg_int = typed(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonneg_float = typed(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def duration(s):
+    """'300', '300s', '5m', '1.5h' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([smh]?)\s*", s, re.IGNORECASE)
+    v = float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2].lower()] if m else 0.0
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a duration like 300, 300s, 5m or 1.5h")
+    return v
 
 
 MAX_TASKS = 2 ** 62  # task ids are drawn from 62 random bits (data.random_below)
@@ -115,6 +125,11 @@ def get_parser():
                         "(the Transformer by its key size, the others by their width)")
     g = p.add_argument_group("meta-training")
     g.add_argument("--steps", type=positive_int, default=50_000, help="optimizer steps")
+    g.add_argument("--time-budget", type=duration,
+                   help="stop at the first step boundary after this much training wall time "
+                        "(300, 300s, 5m, 1.5h; a resumed run counts from the resume), then "
+                        "evaluate, checkpoint and summarise as at the last step; --resume "
+                        "continues to --steps")
     g.add_argument("--batch-size", type=positive_int, default=128,
                    help="sequences per meta-batch, over all processes and accumulation steps")
     g.add_argument("--grad-accum", type=positive_int, default=1,
@@ -408,13 +423,16 @@ def meta_train(argv, stop):
         return results
 
     # --- meta-training (a Ctrl-C is in `stop`; under torchrun every rank gets one, and they
-    # agree on it at the next loss record's all-reduce)
-    results, stopping = None, False
+    # agree on it at the next loss record's all-reduce, where rank 0 also says whether the
+    # --time-budget is spent: that run ends as at its last step)
+    results, stopping, out_of_time = None, False, False
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     running = torch.tensor(running_loss, device=args.device)  # loss summed since last_logged
     t0 = time.time() - elapsed
+    started = time.time()  # the --time-budget counts from here, in a resumed run too
+    spent = lambda: args.time_budget is not None and time.time() - started >= args.time_budget
     try:
-        while step < args.steps and not stopping:
+        while step < args.steps and not stopping and not out_of_time:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
             for m in range(args.grad_accum):
@@ -437,13 +455,14 @@ def meta_train(argv, stop):
             step += 1
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
-            stopping = bool(stop) and not ddp
-            if step % args.log_every == 0 or step == args.steps:  # the only host sync
+            stopping, out_of_time = bool(stop) and not ddp, spent() and not ddp
+            if step % args.log_every == 0 or step == args.steps or out_of_time:  # the only host sync
                 if ddp:
                     dist.all_reduce(running, op=dist.ReduceOp.AVG)
-                    asked = torch.tensor(float(bool(stop)), device=args.device)
+                    asked = torch.tensor([float(bool(stop)), float(master and spent())],
+                                         device=args.device)
                     dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-                    stopping = asked.item() > 0
+                    stopping, out_of_time = (asked > 0).tolist()
                 mean_loss = running.item() / (step - last_logged)
                 running.zero_()
                 last_logged = step
@@ -452,9 +471,10 @@ def meta_train(argv, stop):
                     log(dict(step=step, loss=mean_loss, lr=lr_at(step - 1, args), time=elapsed))
                     bar.set_postfix(loss=f"{mean_loss:.3f}", **({} if results is None else
                                     {"unseen@last": f"{results[f'unseen {args.dataset}']['last']:.3f}"}))
-            if master and (step % args.eval_every == 0 or step == args.steps):
+            last = step == args.steps or (out_of_time and not stopping)
+            if master and (step % args.eval_every == 0 or last):
                 results = run_eval()
-            if step % args.ckpt_every == 0 or step == args.steps or stopping:
+            if step % args.ckpt_every == 0 or last or stopping:
                 if ddp:  # the average over ranks, so that a resumed run logs the same loss
                     dist.all_reduce(running, op=dist.ReduceOp.AVG)
                 if master:
@@ -473,7 +493,9 @@ def meta_train(argv, stop):
         results = results or run_eval()
         if not os.path.exists(ckpt_path):  # a learner with nothing to train (sgd) still gets one
             checkpoint()
-        summary = dict(step=step, train_time_s=round(elapsed, 1), model=args.model, model_config=cfg,
+        stopped_by = "time_budget" if out_of_time and step < args.steps else "steps"
+        summary = dict(step=step, stopped_by=stopped_by, train_time_s=round(elapsed, 1),
+                       model=args.model, model_config=cfg,
                        parameters=models.num_params(raw_model),
                        state_size=raw_model.state_size(args.seq_len),
                        regime=gpicl.regime(results, args.dataset),
@@ -481,6 +503,9 @@ def meta_train(argv, stop):
         write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
         print(gpicl.format_results(results))
         print(f"regime: {summary['regime']} | {step} steps in {elapsed / 60:.1f} min")
+        if stopped_by == "time_budget":
+            print(f"stopped on the time budget ({args.time_budget:g} s) at step {step} of "
+                  f"{args.steps}; --resume continues to --steps")
     if ddp:
         dist.destroy_process_group()
 
