@@ -1416,7 +1416,7 @@ def test_sweep_writes_one_record_per_run_and_skips_finished_ones(tmp_path):
         ["model=transformer,width=8,n_head=2,num_tasks=fresh"]
     for r in recs:
         assert r["summary"]["step"] == 3 and [s for s, _ in r["loss"]] == [1, 2, 3]
-        assert set(r["final"]) == {"seen random", "unseen random"} and \
+        assert set(r["final"]) == {"seen random", "unseen random", "identity random"} and \
             len(r["final"]["seen random"]["curve"]) == 4
         assert r["evals"][-1]["step"] == 3 and "curve" not in r["evals"][-1]["results"]["seen random"]
     # resumable: nothing to do
@@ -1457,15 +1457,16 @@ def record(params, plateau_end, steps=4000, unseen_last=0.5, onset=None):
 
 
 def test_plateau_figure_data_fits_the_power_law():
-    base = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
+    base = experiments.PLATEAU_BASE
     recs = [record(dict(base, batch_size=b), 20 * round(8000 * b ** -0.5 / 20), onset=2000)
-            for b in (8, 32, 128)]
-    recs += [record(dict(base, adam_eps=1e-3), None), record(dict(base, bias=0.25), 200, onset=1400)]
+            for b in (32, 128, 512)]
+    recs += [record(dict(base, adam_eps_root=0.0), None), record(dict(base, bias=0.25), 200, onset=1400)]
     d = experiments.figure_data("plateaus", recs)
-    assert d["batch_size"]["values"] == [8, 32, 128]
+    assert d["batch_size"]["values"] == [32, 128, 512]
     assert d["batch_size"]["exponent"] == pytest.approx(-0.5, abs=0.01)
-    assert d["adam_eps"]["values"] == [1e-8, 1e-3] and d["adam_eps"]["plateau"][1] is None
-    assert d["bias"]["plateau"] == [1420, 200] and d["bias"]["onset"] == [2000, 1400]
+    assert d["adam_eps_root"]["values"] == [0.0, 1e-8] and d["adam_eps_root"]["plateau"][0] is None
+    assert d["bias"]["values"] == [0.25, 0.5] and d["bias"]["plateau"] == [200, 700]
+    assert d["bias"]["onset"] == [1400, 2000]
 
 
 def test_transition_figure_data_is_a_grid():
@@ -1507,9 +1508,9 @@ def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
 def test_figures_draw(name, tmp_path):
     pytest.importorskip("matplotlib")
-    base = dict(batch_size=32, adam_eps=1e-8, bias=0.0)
+    base = experiments.PLATEAU_BASE
     recs = {"plateaus": [record(dict(base, batch_size=b), 1000 // b * 20) for b in (16, 32)] +
-                        [record(dict(base, bias=0.5), None)],
+                        [record(dict(base, bias=0.0), None)],
             "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200)
                             for w in (8, 16) for n in (1, None)],
             "state_size": [record(dict(model=m, width=8), 200) for m in ("lstm", "transformer")],
