@@ -48,52 +48,70 @@ def test_int64_multiplication_wraps():
     assert (torch.tensor([-1]) * data.GOLDEN).item() == -data.GOLDEN
 
 
+# The generator, pinned: the reference below writes every constant out as a literal, none read
+# from data.py, so a changed constant there (which would silently change every task, and the
+# shipped checkpoint's) fails these tests.
+
 def splitmix64(key, i):
-    """The generator data.py implements with torch int64 ops, in Python integers."""
+    """Word i of key: splitmix64's mixer applied to key + i * golden, in Python integers."""
     mask = 2 ** 64 - 1
-    z = (key + i * data.GOLDEN) & mask
-    for shift, mult in ((30, data.C1), (27, data.C2), (31, 1)):
+    z = (key + i * 0x9E3779B97F4A7C15) & mask
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB), (31, 1)):
         z = ((z ^ (z >> shift)) * mult) & mask
     return z
 
 
+def key_of(*parts):
+    """data.hash_key in Python integers: each part mixed into the key in turn."""
+    key = 0x243F6A8885A308D3
+    for part in parts:
+        key = splitmix64(key ^ (part & (2 ** 64 - 1)), 0)
+    return key
+
+
 def test_counter_based_normals_match_a_plain_python_splitmix64():
-    # pins the generator: a change would silently change every task (and the shipped checkpoint's)
-    n = 784 * 784                                        # several of the CPU's cache-sized pieces
-    for ids in (torch.tensor([-3]), torch.tensor([0, 2 ** 40, -7])):
-        keys = data.hash_key(ids, data.STREAM_PROJECTION)
-        z = data.random_normal(keys, n)                                  # (B, n)
-        for b, key in enumerate(keys.tolist()):
-            for i in (0, 1, 4097, 70001, n // 2 - 1):                    # words across pieces
-                w = splitmix64(key & (2 ** 64 - 1), i)
-                assert data.random_bits(keys[b:b + 1], i + 1)[0, i].item() & (2 ** 64 - 1) == w
+    # the reference itself: splitmix64's published first outputs for seed 0, and two task words
+    assert [splitmix64(0, i) for i in (1, 2, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4,
+                                                     0x06C45D188009454F]
+    assert key_of(-3, 1) == 0x228E50AAC81EA53C and splitmix64(key_of(-3, 1), 1) == 0x3181F08352003986
+    assert splitmix64(key_of(2 ** 40, 1), 100) == 0x9548D871F38EF1E9
+    ids = [-3, 0, 2 ** 40]
+    for n_x in (49, 196):                               # N_x^2 = 2401 is odd: no last sine
+        A = data.task_projection(torch.tensor(ids), n_x).flatten(1) * math.sqrt(n_x)   # (3, N_x^2)
+        n, half = n_x * n_x, (n_x * n_x + 1) // 2       # word i: the normals i and half + i
+        for b, task in enumerate(ids):
+            for i in (0, 1, 100, 1000, half - 1):
+                w = splitmix64(key_of(task, 1), i)      # stream 1: projections
                 u1, u2 = [((w >> s & 0xFFFFFF) + 0.5) * 2.0 ** -24 for s in (40, 8)]
                 r = math.sqrt(-2 * math.log(u1))
-                for j, v in ((i, r * math.cos(2 * math.pi * u2)),
-                             (n // 2 + i, r * math.sin(2 * math.pi * u2))):
-                    assert abs(z[b, j].item() - v) < 1e-5 * max(1, abs(v)), (b, j)
+                normals = [(i, r * math.cos(2 * math.pi * u2))]
+                if half + i < n:
+                    normals.append((half + i, r * math.sin(2 * math.pi * u2)))
+                for j, v in normals:
+                    assert abs(A[b, j].item() - v) < 1e-5 * max(1, abs(v)), (n_x, b, j)
+    for task in (7, -1):                                # stream 2: the ranks of 10 words
+        words = [splitmix64(key_of(task, 2), i) for i in range(10)]
+        signed = [w - 2 ** 64 if w >= 2 ** 63 else w for w in words]    # torch sorts int64
+        rho = sorted(range(10), key=lambda c: signed[c])
+        assert data.task_permutation(torch.tensor([task]))[0].tolist() == rho
 
 
-def test_in_place_normals_are_box_muller_bit_for_bit():
-    keys = data.hash_key(torch.tensor([1, -2, 3, 2 ** 50]), data.STREAM_PROJECTION)
-    for n in (1, 49, 196 * 196):                          # odd, and over several pieces
-        words = data.random_bits(keys, (n + 1) // 2)
-        assert torch.equal(data.random_normal(keys, n), data.box_muller(words)[:, :n])
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_task_generation_matches_eager(monkeypatch):
-    monkeypatch.setattr(data, "_compiled_normal", None)           # restored after the test
-    sets = [torch.tensor([0, -1, 2 ** 40]), torch.arange(5)]        # two batch sizes, as train/eval
-    eager = [data.task_projection(ids, 49) for ids in sets]
-    data.compile_task_generation()
-    assert data._compiled_normal is not None
-    for ids, a in zip(sets, eager):
-        b = data.task_projection(ids, 49)
-        assert b.shape == a.shape
-        # the same words; the compiled log/cos may differ from eager's in the last bit
-        assert (a - b).abs().max().item() < 1e-5, (a - b).abs().max()     # a different word: ~0.1
+def test_meta_batches_match_a_plain_python_splitmix64():
+    # which task (stream 4) and which examples (stream 3) each sequence gets, and the Random
+    # dataset's images (stream 5), all from the literal reference above
+    seed, step, n = 5, 9, 5
+    x_all, y_all = torch.randn(n, 4), torch.arange(n)   # 5 < 2T: examples drawn with replacement
+    x, y, ids = data.sample_sequences(x_all, y_all, seed, step, torch.arange(3), 3, data.FRESH)
+    for s in range(3):
+        task = splitmix64(key_of(seed, step, s, 4), 0) & (2 ** 62 - 1)
+        assert ids[s].item() == task
+        idx = [(splitmix64(key_of(seed, step, s, 3), t) & (2 ** 62 - 1)) % n for t in range(3)]
+        rho = data.task_permutation(ids[s:s + 1])[0]
+        assert y[s].tolist() == [rho[i].item() for i in idx], s
+    pixels = data.RandomImages(2).images(torch.tensor([11]))[0].flatten()     # (10 * 2,)
+    for i in (0, 7, 19):
+        u = ((splitmix64(key_of(11, 5), i) >> 40 & 0xFFFFFF) + 0.5) * 2.0 ** -24
+        assert abs(pixels[i].item() - (u - 0.5) * math.sqrt(12)) < 1e-6
 
 
 def test_projection_entries_have_variance_one_over_n_x():
@@ -160,14 +178,16 @@ def test_labels_are_permuted_per_task_as_classes():
 def test_training_never_draws_unseen_ids_and_respects_num_tasks():
     x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
     unseen = set(data.unseen_task_ids(64).tolist())
-    for num_tasks in (1, 16, 1000, None):
+    for num_tasks in (1, 16, 1000, data.FRESH):
         drawn = torch.cat([data.sample_sequences(x_all, y_all, 0, step, torch.arange(64), 5,
                                                  num_tasks)[2] for step in range(50)])
         assert drawn.min() >= 0 and not (set(drawn.tolist()) & unseen)
-        if num_tasks:
-            assert drawn.max() < num_tasks
-            if num_tasks <= 16:
-                assert len(set(drawn.tolist())) == num_tasks            # uniform: all get drawn
+        assert drawn.max() < num_tasks
+        if num_tasks <= 16:
+            assert len(set(drawn.tolist())) == num_tasks                # uniform: all get drawn
+    # fresh: ids from all 62 bits, so 3,200 sequences are 3,200 tasks (half of them above 2^61)
+    assert len(set(drawn.tolist())) == len(drawn) and (drawn >= 2 ** 61).sum() > 1400
+    assert train.num_tasks_type("fresh") == data.FRESH == train.num_tasks_type("2**62")
     assert max(unseen) < 0
 
 
@@ -176,7 +196,7 @@ def test_bias_keeps_identity_labels_on_exactly_the_biased_slots_with_random_proj
     # they are; their projections are still their tasks' random ones
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
     for step in range(3):
-        args = (x_all, y_all, 0, step, torch.arange(40), 12, None)
+        args = (x_all, y_all, 0, step, torch.arange(40), 12, data.FRESH)
         x0, y0, ids0 = data.sample_sequences(*args, batch_size=40, seqs_per_task=2)
         x1, y1, ids1 = data.sample_sequences(*args, bias=0.25, batch_size=40, seqs_per_task=2)
         assert torch.equal(x0, x1) and torch.equal(ids0, ids1) and (ids1 != 0).all()
@@ -190,14 +210,14 @@ def test_bias_keeps_identity_labels_on_exactly_the_biased_slots_with_random_proj
 def test_bias_task_puts_the_last_slots_on_task_zero():
     x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
     for step in range(5):
-        ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, None,
+        ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, data.FRESH,
                                     batch_size=40, bias_task=0.25)[2]
         assert (ids[30:] == 0).all() and (ids[:30] != 0).all()
 
 
 def test_sequences_of_one_slot_share_a_task_and_slots_differ():
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
-    x, y, ids = data.sample_sequences(x_all, y_all, 1, 2, torch.arange(32), 20, None,
+    x, y, ids = data.sample_sequences(x_all, y_all, 1, 2, torch.arange(32), 20, data.FRESH,
                                       batch_size=32, seqs_per_task=8)
     assert torch.equal(ids, ids[::8].repeat_interleave(8)) and len(set(ids.tolist())) == 4
     assert not torch.equal(x[0], x[1])                     # the same task, other examples
@@ -206,7 +226,7 @@ def test_sequences_of_one_slot_share_a_task_and_slots_differ():
 def test_no_example_repeats_within_a_sequence():
     x_all, y_all = torch.randn(1000, 8), torch.randint(0, 10, (1000,))
     for step in range(5):
-        x = data.sample_sequences(x_all, y_all, 0, step, torch.arange(64), 100, None)[0]
+        x = data.sample_sequences(x_all, y_all, 0, step, torch.arange(64), 100, data.FRESH)[0]
         for seq in x:                                      # a repeated example, a repeated row
             assert len(torch.unique(seq, dim=0)) == 100
     idx = data.draw_examples(data.hash_key(torch.arange(256)), 100, 60000)
@@ -227,7 +247,7 @@ def test_random_dataset_draws_new_images_for_every_task():
     assert imgs.shape == (3, 10, 49) and torch.equal(imgs[0], imgs[1])
     assert not torch.allclose(imgs[0], imgs[2])
     assert abs(imgs.mean().item()) < 0.2 and abs(imgs.std().item() - 1) < 0.1  # z-normalised
-    x, y, ids = data.sample_sequences(x_all, y_all, 0, 0, torch.arange(4), 30, None)
+    x, y, ids = data.sample_sequences(x_all, y_all, 0, 0, torch.arange(4), 30, data.FRESH)
     assert x.shape == (4, 30, 49) and len(torch.unique(x[0], dim=0)) <= 10
 
 
@@ -1228,8 +1248,13 @@ def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
         expect = 100 * (y[:, -1] == 3).float().mean().item()
         assert row[column]["n"] == 32 and abs(row[column]["acc"] - expect) < 0.01, (column, row)
         assert f"{row[column]['acc']:.2f} ± {row[column]['ci']:.2f}" in md
-    sgd_row = res["checkpoints"][1]
-    assert sgd_row["learner"] == "sgd" and 0 <= sgd_row["accuracy_pct"]["Random"]["acc"] <= 100
+    # the sgd learner's column: its own predictions at position 10, counted here
+    sgd_row, (model, _) = res["checkpoints"][1], gpicl.load_learner(sgd)
+    x_all, y_all = data.load_dataset("random", 2)["test"]
+    x, y = data.task_sequences(x_all, y_all, ids, 10, torch.arange(32), gpicl.EVAL_SEED)
+    expect = 100 * (gpicl.learner_predict(model, x, y)[:, -1] == y[:, -1]).float().mean().item()
+    assert sgd_row["learner"] == "sgd"
+    assert abs(sgd_row["accuracy_pct"]["Random"]["acc"] - expect) < 0.01, (expect, sgd_row)
 
 
 # -----------------------------------------------------------------------------
