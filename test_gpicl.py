@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import data
 import experiments
 import gpicl
+import metatest
 import models
 import train
 
@@ -1071,12 +1072,12 @@ def uci_split(n_context=99, n_query=300, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# A meta-trained learner on your own data: InContextClassifier (gpicl.py)
+# A meta-trained learner on your own data: InContextClassifier (metatest.py)
 
 @pytest.fixture(scope="module")
 def trained():
     torch.set_num_threads(1)
-    return gpicl.InContextClassifier.from_checkpoint(TRAINED, members=8, seed=0)
+    return metatest.InContextClassifier.from_checkpoint(TRAINED, members=8, seed=0)
 
 
 @pytest.mark.parametrize("labels", [[3, 7, 11], ["cat", "dog", "emu"]])
@@ -1101,7 +1102,7 @@ def test_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
     assert np.allclose(trained.predict_proba(q[perm]), proba[perm], atol=1e-5)
     assert np.allclose(trained.predict_proba(q[3:4]), proba[3:4], atol=1e-5)  # alone
     # and a different seed is a different ensemble (the check above could not pass vacuously)
-    other = gpicl.InContextClassifier(TRAINED, members=8, seed=1).fit(X[:80], y[:80])
+    other = metatest.InContextClassifier(TRAINED, members=8, seed=1).fit(X[:80], y[:80])
     assert not np.allclose(other.predict_proba(q), proba, atol=1e-3)
 
 
@@ -1116,12 +1117,12 @@ def test_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
 ])
 def test_bad_context_is_one_clear_error(trained, fit_args, match):
     with pytest.raises(ValueError, match=match) as e:
-        gpicl.InContextClassifier(TRAINED, members=1).fit(*fit_args)
+        metatest.InContextClassifier(TRAINED, members=1).fit(*fit_args)
     assert "\n" not in str(e.value)
 
 
 def test_bad_queries_are_one_clear_error(trained):
-    fresh = gpicl.InContextClassifier(TRAINED, members=1)
+    fresh = metatest.InContextClassifier(TRAINED, members=1)
     with pytest.raises(ValueError, match="before predict"):
         fresh.predict(np.zeros((2, 3)))
     fresh.fit(np.random.default_rng(0).normal(size=(10, 3)), [0, 1] * 5)
@@ -1134,11 +1135,11 @@ def test_bad_queries_are_one_clear_error(trained):
 def test_long_context_is_split_into_chunks_that_fit_and_all_count(tmp_path, monkeypatch):
     path = tiny_checkpoint(tmp_path / "t.pt", seq_len=10, width=16, n_layer=1, n_head=2)
     seen = []
-    real = gpicl.last_position_logits
-    monkeypatch.setattr(gpicl, "last_position_logits",
+    real = metatest.last_position_logits
+    monkeypatch.setattr(metatest, "last_position_logits",
                         lambda m, xc, yc, xq, bs: seen.append(len(yc)) or real(m, xc, yc, xq, bs))
     X = np.random.default_rng(0).normal(size=(25, 6))
-    clf = gpicl.InContextClassifier(path, members=2).fit(X, np.arange(25) % 3)
+    clf = metatest.InContextClassifier(path, members=2).fit(X, np.arange(25) % 3)
     proba = clf.predict_proba(X[:4])
     assert seen == [9, 8, 8, 9, 8, 8]          # 25 rows -> 3 chunks per member, each <= seq_len - 1
     assert proba.shape == (4, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
@@ -1153,7 +1154,7 @@ def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(
                                 n_layer=2, n_head=4)
     acc = {}
     for name, path in (("trained", TRAINED), ("untrained", untrained)):
-        clf = gpicl.InContextClassifier(path, members=8).fit(Xc, yc)
+        clf = metatest.InContextClassifier(path, members=8).fit(Xc, yc)
         acc[name] = np.mean(clf.predict(Xq) == yq)
     assert acc["untrained"] < 0.2 < 0.35 < acc["trained"], acc
 
@@ -1161,12 +1162,12 @@ def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(
 def test_baselines_learn_separable_classes():
     X, y = blobs([0, 1, 2], 40, seed=2)
     X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y.astype(int))
-    assert torch.equal(gpicl.knn_predict(X, y, X, k=1), y)           # each row is its own neighbour
-    assert (gpicl.knn_predict(X[:60], y[:60], X[60:], k=3) == y[60:]).float().mean() > 0.9
-    assert (gpicl.logreg_predict(X[:60], y[:60], X[60:]) == y[60:]).float().mean() > 0.9
+    assert torch.equal(metatest.knn_predict(X, y, X, k=1), y)           # each row is its own neighbour
+    assert (metatest.knn_predict(X[:60], y[:60], X[60:], k=3) == y[60:]).float().mean() > 0.9
+    assert (metatest.logreg_predict(X[:60], y[:60], X[60:]) == y[60:]).float().mean() > 0.9
     # and a shuffled context teaches them nothing (the checks above can fail)
     y_bad = y[:60][torch.randperm(60, generator=torch.Generator().manual_seed(0))]
-    assert (gpicl.logreg_predict(X[:60], y_bad, X[60:]) == y[60:]).float().mean() < 0.7
+    assert (metatest.logreg_predict(X[:60], y_bad, X[60:]) == y[60:]).float().mean() < 0.7
 
 
 # -----------------------------------------------------------------------------
