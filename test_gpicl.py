@@ -1,5 +1,7 @@
 """
-Tests for gpicl, on CPU and small: `python -m pytest -q test_gpicl.py`.
+Tests for gpicl, on CPU and small: `python -m pytest -q test_gpicl.py`. Tests marked slow
+(over ~3 s: training runs, subprocesses, long recurrences) are left out by `-m "not slow"`,
+which runs the rest in under a minute on 2 cores; CI runs them all.
 
 Each test checks one claim the code or the README makes, and each can fail: the numbers they
 compare come from running the code, never from the code under test's own constants.
@@ -299,6 +301,11 @@ def test_tokens_carry_the_previous_label_and_zeros_first():
         assert torch.equal(tok[:, t, 3:].sum(-1), torch.ones(2))
 
 
+def kinds(*slow):
+    """Every learner kind for a parametrized test, the named ones marked slow (> ~3 s here)."""
+    return [pytest.param(k, marks=pytest.mark.slow) if k in slow else k for k in models.MODELS]
+
+
 def small(kind, seq_len=12, n_x=6):
     sizes = dict(width=16, n_layer=2, n_head=2, key_size=4)
     cfg = models.model_config(kind, n_x + 10, seq_len, **{k: v for k, v in sizes.items()
@@ -307,7 +314,7 @@ def small(kind, seq_len=12, n_x=6):
     return models.build(kind, n_x + 10, 10, **cfg).eval()
 
 
-@pytest.mark.parametrize("kind", list(models.MODELS))
+@pytest.mark.parametrize("kind", kinds("lstm", "fwm", "vsml"))  # recurrences step by step
 def test_no_position_sees_its_own_label_or_the_future(kind):
     T, n_x = 12, 6
     model = small(kind, T, n_x)
@@ -325,7 +332,7 @@ def test_no_position_sees_its_own_label_or_the_future(kind):
                 assert not torch.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", list(models.MODELS))
+@pytest.mark.parametrize("kind", kinds("fwm"))
 def test_state_size_is_the_state_the_model_carries(kind):
     T = 12
     model = small(kind, T)
@@ -334,6 +341,7 @@ def test_state_size_is_the_state_the_model_carries(kind):
     assert count(2) == 2 * model.state_size(T)                          # and nothing shared
 
 
+@pytest.mark.slow
 def test_transformer_state_is_the_kv_cache_whatever_the_width():
     # 2 keys/values x 4 layers x 100 positions x 8 heads x key size 32, at any width
     for width in (2, 64, 512):
@@ -548,6 +556,7 @@ def test_baseline_nn_predicts_the_label_of_the_nearest_earlier_example():
     assert torch.equal(gpicl.nearest_neighbour(x2, y2)[:, :4], pred[:, :4])
 
 
+@pytest.mark.slow
 def test_baselines_appear_in_the_table_log_and_summary_and_the_flag_removes_them(tmp_path, capsys):
     flags = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "3",
              "--seq-len", "4", "--eval-datasets", "", "--eval-tasks", "2", "--eval-seqs", "3",
@@ -594,6 +603,7 @@ def run_train(args, timeout=300, **kw):
                           text=True, cwd=HERE, timeout=timeout, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--num-tasks", "0"], ["--num-tasks", "lots"], ["--num-tasks", "2**-3"], ["--bias", "1.5"],
     ["--lr", "-1"], ["--lr", "nan"], ["--steps", "0"], ["--model", "gru"],
@@ -610,6 +620,7 @@ def test_bad_flags_give_one_line_and_exit_2(flags, tmp_path):
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     out = str(tmp_path / "r")
     assert run_train([*TINY, "--steps", "2", "--out-dir", out]).returncode == 0
@@ -628,6 +639,7 @@ def losses(out):
             if "loss" in r]
 
 
+@pytest.mark.slow
 def test_resume_from_weights_only_is_one_line(tmp_path):
     out = tmp_path / "r"
     assert run_train([*TINY, "--steps", "1", "--out-dir", str(out)]).returncode == 0
@@ -638,6 +650,7 @@ def test_resume_from_weights_only_is_one_line(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_every", [1, 4])  # 4: checkpoints fall between loss records
 def test_killed_run_resumes_with_the_same_losses(tmp_path, log_every):
     args = [*TINY, "--steps", "60", "--log-every", str(log_every), "--ckpt-every", "5",
@@ -663,6 +676,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, log_every):
     assert [s for s, _ in losses(cut)] == list(range(log_every, 61, log_every))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
     # a non-interactive shell starts background jobs with SIGINT ignored; train.py re-arms it
     out = str(tmp_path / "r")
@@ -683,6 +697,7 @@ def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] >= 50
 
 
+@pytest.mark.slow
 def test_ctrl_c_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypatch):
     args = [*TINY, "--steps", "6", "--log-every", "2", "--eval-every", "1000"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
@@ -725,6 +740,7 @@ def test_adam_matches_optax_formula_with_eps_root():
     assert abs(q.item()) < 0.01 and abs(r.item()) > 0.09
 
 
+@pytest.mark.slow
 def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
     p = run_train(["--model", "lstm", "--state-size", "1024", "--steps", "1", "--batch-size", "2",
                    "--seq-len", "10", "--eval-tasks", "1", "--eval-seqs", "2",
@@ -735,6 +751,7 @@ def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
     assert summary["state_size"] == 1024 and summary["model_config"]["width"] == 512
 
 
+@pytest.mark.slow
 def test_meta_training_learns_in_context_on_unseen_tasks(tmp_path):
     # The Random dataset is pure in-context lookup: 10 noise images, one per label, and a task
     # projects them and permutes the labels. Fresh tasks every sequence, so nothing can be
@@ -908,6 +925,7 @@ def test_mat_reader_agrees_with_scipy(tmp_path):
     assert np.array_equal(theirs["X"], x) and np.array_equal(theirs["y"], y)
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_one_line_offline(tmp_path):
     env = dict(os.environ, GPICL_DATA=str(tmp_path / "empty"), GPICL_MIRROR="http://127.0.0.1:9")
     p = subprocess.run([PY, os.path.join(HERE, "train.py"), *TINY, "--steps", "1",
@@ -926,6 +944,7 @@ DDP_TINY = ["--model", "transformer", "--width", "32", "--n-layer", "1", "--n-he
             "--eval-datasets", "", "--threads", "1"]
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_train_like_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
@@ -948,6 +967,7 @@ def test_two_processes_under_torchrun_train_like_one(tmp_path):
         assert lb == pytest.approx(la, rel=1e-5), (a, b)
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     # torchrun passes SIGINT on to the ranks; each may get it in a different step, so they agree
     # at the next loss record (an all-reduce): one checkpoint, no rank left waiting for the other
@@ -983,6 +1003,7 @@ BENCH_TINY = ["--threads", "1", "--width", "32", "--n-layer", "1", "--n-head", "
               "--steps", "2", "--warmup", "1", "--repeats", "3"]
 
 
+@pytest.mark.slow
 def test_bench_runs_and_reports_consistent_numbers(tmp_path):
     out = str(tmp_path / "bench.json")
     p = subprocess.run([PY, os.path.join(HERE, "bench.py"), *BENCH_TINY, "--out", out],
@@ -1007,6 +1028,7 @@ def test_bench_runs_and_reports_consistent_numbers(tmp_path):
     assert "ratio ours/ref" in p.stdout and "share of a step" in p.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--repeats", "0"], ["--width", "30"], ["--device", "nonsense"],
                                    ["--out", "/nonexistent/bench.json"], ["--num-tasks", "2**63"]])
 def test_bench_bad_flags_give_one_line_and_exit_2(flags):
@@ -1145,6 +1167,7 @@ def test_long_context_is_split_into_chunks_that_fit_and_all_count(tmp_path, monk
     assert proba.shape == (4, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(tmp_path):
     # 99 context rows, 300 queries. Chance is 0.1: a learner at chance exceeds 0.2 with
     # probability < 1e-9 (binomial, n = 300); the demo learner scores ~0.55 here.
@@ -1184,6 +1207,7 @@ def run_metatest(args, **kw):
                           capture_output=True, text=True, cwd=HERE, timeout=120, **kw)
 
 
+@pytest.mark.slow
 def test_csv_command_prints_accuracies_and_writes_predictions(tmp_path):
     X, y = blobs(["a", "b", "c"], 30, d=4, seed=3)
     rows = [[*map(str, x), lab] for x, lab in zip(X, y)]
@@ -1203,6 +1227,7 @@ def test_csv_command_prints_accuracies_and_writes_predictions(tmp_path):
         assert abs(np.mean([g[col] == lab for g, lab in zip(got[1:], y[60:])]) - acc) < 6e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing", "cannot read"), ("label", "no column 'label'"), ("text", "'x' is not a number"),
     ("binary", "not a text CSV"), ("device", "--device foo")])
@@ -1223,6 +1248,7 @@ def test_csv_command_errors_are_one_line_exit_2(tmp_path, case, message):
 # -----------------------------------------------------------------------------
 # The command line: metatest.py table1
 
+@pytest.mark.slow
 def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
     def always_label_3(model):  # a learner whose accuracy the test can count by itself
         with torch.no_grad():
@@ -1266,6 +1292,7 @@ EXP_TINY = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image
         "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--log-every", "1"]
 
 
+@pytest.mark.slow
 def test_sweep_writes_one_record_per_run_and_skips_finished_ones(tmp_path):
     out, runs_dir = str(tmp_path / "r.jsonl"), str(tmp_path / "runs")
     runs = [(dict(model="transformer", width=8, n_head=2, num_tasks=n), EXP_TINY) for n in (1, None)]
@@ -1365,6 +1392,7 @@ def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
     assert e.value.code == 2 and len(err) == 1 and "run `python experiments.py transitions`" in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
 def test_figures_draw(name, tmp_path):
     pytest.importorskip("matplotlib")
