@@ -156,7 +156,7 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     slot = seq_index // seqs_per_task                                               # (B,)
     slots = -(-(batch_size or len(seq_index)) // seqs_per_task)
     task_bits = random_bits(hash_key(seed, step, slot, STREAM_TASK), 1)[:, 0]      # (B,)
-    task_ids = random_below(task_bits, num_tasks)                                     # (B,)
+    task_ids = random_below(task_bits, num_tasks)                                   # (B,)
     if bias_task > 0:
         fixed = slot >= slots - round(bias_task * slots)
         task_ids = torch.where(fixed, torch.zeros_like(task_ids), task_ids)
