@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import signal
 import struct
 import subprocess
