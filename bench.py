@@ -22,7 +22,7 @@ inputs, timed as the median over --repeats repeats of --steps calls each (warm-u
    the share of a training step that making the meta-batch costs: sample / (sample + step).
    The batched hash is built for the GPU, where the reference pays a host round trip and a few
    small launches per sequence; on one CPU thread, torch's Mersenne Twister randn is faster than
-   our op-by-op eager hash, and slower than its --compile'd, fused form.
+   our op-by-op hash.
 
 The GPU suite, one command for the numbers a GPU should give this project (about 8 minutes on
 one GPU; --dry-run: tiny sizes on the CPU in under a minute, to check the plumbing):
@@ -93,7 +93,7 @@ def get_parser():
     p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed calls first (compilation)")
     p.add_argument("--repeats", type=positive_int, default=5, help="repeats; the median is reported")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile both models and our task generation")
+                   help="torch.compile both models")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="the device's peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--threads", type=positive_int,
@@ -252,8 +252,6 @@ def main(argv=None):
     step_ratio = paired(times, "ours", "ref")
 
     # --- task generation, on the same raw examples and task ids
-    if args.compile:
-        data.compile_task_generation()  # compiled in the untimed warm-up calls
     g = torch.Generator().manual_seed(seed)
     raw = []
     for _ in range(args.steps):

@@ -7,17 +7,13 @@ randomly projecting the inputs and permuting the classification labels."
     task id  ->  A in R^{N_x x N_x}, A_ij ~ N(0, 1/N_x),  and  rho, a permutation of the 10 labels
     D_task   =  {(A x_i, rho(y_i))}
 
-The task id alone fixes A and rho, so `num_tasks` = 2^k is an exact knob, and tasks that were
-never trained on are simply ids that training can never draw (we use negative ids).
+The task id alone fixes A and rho, so `num_tasks` = 2^k is an exact knob (training draws ids
+from [0, num_tasks); FRESH tasks are ids drawn from 62 random bits), and tasks that were never
+trained on are simply ids that training can never draw (we use negative ids).
 
-Every random number here comes from a counter-based hash of integers: bits = hash(key, counter).
-That makes a task the same on any device, any batch layout and any process (the integers
-exactly; the normals up to the last bit of the device's log and cos), lets a whole batch
-of tasks be made in a few batched kernels on the GPU, and makes the batch of step s a pure
-function of (seed, s), so a resumed or distributed run sees exactly the batches it would have
-seen in one piece.
-
-This file imports nothing else from the project.
+The chapter: 1. tasks, 2. sequences, 3. base datasets and their preprocessing; then the
+machinery, 4. the counter-based random numbers everything above draws from; and an appendix,
+the datasets that are downloaded on first use. This file imports nothing else from the project.
 """
 import gzip
 import hashlib
@@ -35,109 +31,14 @@ import torch
 import torch.nn.functional as F
 
 NUM_CLASSES = 10
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHIPPED = os.path.join(HERE, "data")  # mnist.npz and uci_digits.npz travel with the project
+FRESH = 2 ** 62  # num_tasks for "a new task every sequence": ids drawn from 62 random bits, so
+#                  practically never the same task twice (the paper's largest count is 2^25)
 
 # -----------------------------------------------------------------------------
-# 1. Counter-based random numbers in plain torch integer ops
+# 1. Tasks: a projection A and a label permutation rho per task id
 #
-# splitmix64: word c of key k is mix(k + c * golden). The mixer is a bijection of 64-bit words,
-# int64 multiplication wraps modulo 2^64 on CPU and GPU alike (a test checks it), and '>>' is
-# arithmetic on int64, so each shift is masked to make it logical.
-
-GOLDEN = 0x9E3779B97F4A7C15 - 2 ** 64            # the odd constants, as signed int64
-C1, C2 = 0xBF58476D1CE4E5B9 - 2 ** 64, 0x94D049BB133111EB - 2 ** 64
-
-
-def _mix64(z):
-    z = (z ^ ((z >> 30) & (2 ** 34 - 1))) * C1
-    z = (z ^ ((z >> 27) & (2 ** 37 - 1))) * C2
-    return z ^ ((z >> 31) & (2 ** 33 - 1))
-
-
-def hash_key(*parts):
-    """Mix ints or int64 tensors (broadcast together) into one well-spread 64-bit key."""
-    key = torch.tensor(0x243F6A8885A308D3, dtype=torch.int64)
-    for p in parts:
-        key = _mix64(key ^ torch.as_tensor(p, dtype=torch.int64))
-    return key
-
-
-def random_bits(key, n):
-    """n pseudo-random 64-bit words per key: (...,) int64 -> (..., n) int64."""
-    counter = torch.arange(n, device=key.device) * GOLDEN      # wraps, as splitmix64 intends
-    return _mix64(key[..., None] + counter)
-
-
-def _mix64_(z, tmp):
-    """_mix64 in place, with a scratch tensor: the same numbers, no allocations."""
-    for shift, mult in ((30, C1), (27, C2), (31, None)):
-        torch.bitwise_right_shift(z, shift, out=tmp).bitwise_and_(2 ** (64 - shift) - 1)
-        z.bitwise_xor_(tmp)
-        if mult is not None:
-            z.mul_(mult)
-    return z
-
-
-def box_muller(bits):
-    """Two standard normals from each 64-bit word, one from each of its 24-bit halves:
-    (..., k) int64 -> (..., 2k), the k cosine normals then the k sine normals."""
-    u1 = (((bits >> 40) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24     # in (0, 1), never 0
-    u2 = (((bits >> 8) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24
-    r, theta = torch.sqrt(-2.0 * torch.log(u1)), 2.0 * torch.pi * u2
-    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
-
-
-def _fused_normal(key, n):  # random_normal as one expression, for torch.compile to fuse
-    return box_muller(random_bits(key, (n + 1) // 2))[..., :n]
-
-
-_compiled_normal = None  # set by compile_task_generation()
-
-
-def compile_task_generation():
-    """torch.compile the normals into one kernel (train.py and bench.py --compile). A pass per
-    op over N_x^2 numbers per task is what makes task generation costly at 28x28, on a GPU
-    most of all. The integer words stay bit-identical; the compiled log/cos may round the
-    normals differently in the last bit, as two devices do (a test bounds it)."""
-    global _compiled_normal
-    _compiled_normal = torch.compile(_fused_normal, dynamic=True)
-
-
-def random_normal(key, n):
-    """n standard normals per key: (...,) int64 -> (..., n), box_muller of words 0..n/2 of key.
-
-    This is the hot loop of task generation (N_x^2 normals per task), so in eager mode it is
-    box_muller done in place. On the CPU the words are made in cache-sized pieces (2x faster
-    here); the arithmetic is the same, so the numbers are bit-identical to box_muller's."""
-    if _compiled_normal is not None:
-        return _compiled_normal(key, n)
-    half = (n + 1) // 2
-    out = torch.empty(*key.shape, 2 * half, device=key.device)
-    piece = half if key.device.type != "cpu" else max(64, 2 ** 16 // max(1, key.numel()))
-    counter = torch.arange(half, device=key.device) * GOLDEN        # wraps, as splitmix64 intends
-    for c0 in range(0, half, piece):
-        c1 = min(half, c0 + piece)
-        bits = key[..., None] + counter[c0:c1]                       # (..., piece)
-        tmp = torch.empty_like(bits)
-        _mix64_(bits, tmp)
-        # box_muller, op by op
-        r = torch.bitwise_right_shift(bits, 40, out=tmp).bitwise_and_(0xFFFFFF).float()
-        r.add_(0.5).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_()
-        theta = bits.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF).float()
-        theta.add_(0.5).mul_(2.0 ** -24).mul_(2.0 * torch.pi)
-        torch.cos(theta, out=out[..., c0:c1]).mul_(r)
-        torch.mul(r, theta.sin_(), out=out[..., half + c0:half + c1])
-    return out[..., :n]
-
-
-def random_below(bits, high):
-    """Integers in [0, high) from 64-bit words (62 bits used; the modulo bias is < 2^-30)."""
-    return (bits & (2 ** 62 - 1)) % high
-
-
-# -----------------------------------------------------------------------------
-# 2. Tasks: a projection A and a label permutation rho per task id
+# hash_key, random_bits and random_normal (section 4) turn integers into random numbers: the same
+# (task id, stream) gives the same numbers every time, on any device.
 
 STREAM_PROJECTION, STREAM_PERMUTATION, STREAM_SEQUENCE = 1, 2, 3
 
@@ -181,7 +82,7 @@ def unseen_task_ids(n, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# 3. Sequences: which task and which examples, a pure function of (seed, step, sequence index)
+# 2. Sequences: which task and which examples, a pure function of (seed, step, sequence index)
 
 STREAM_TASK, STREAM_RANDOM_IMAGES = 4, 5
 
@@ -240,7 +141,8 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
 
     x_all (N, N_x), y_all (N,): a preprocessed split. seq_index (B,): the global index of each
     sequence in the meta-batch, so the same sequence comes out whatever the batch is split into
-    (ranks, gradient-accumulation steps). num_tasks None draws fresh tasks.
+    (ranks, gradient-accumulation steps). Task ids are drawn uniformly from [0, num_tasks);
+    num_tasks=FRESH gives every task slot a new task.
 
     Task slots (the authors' `task_sample_size` x `train_batch_size`): sequences
     seqs_per_task * s ... seqs_per_task * (s + 1) - 1 share slot s, and so one task.
@@ -254,7 +156,7 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     slot = seq_index // seqs_per_task                                               # (B,)
     slots = -(-(batch_size or len(seq_index)) // seqs_per_task)
     task_bits = random_bits(hash_key(seed, step, slot, STREAM_TASK), 1)[:, 0]      # (B,)
-    task_ids = random_below(task_bits, num_tasks or 2 ** 62)                        # (B,)
+    task_ids = random_below(task_bits, num_tasks)                                   # (B,)
     if bias_task > 0:
         fixed = slot >= slots - round(bias_task * slots)
         task_ids = torch.where(fixed, torch.zeros_like(task_ids), task_ids)
@@ -272,10 +174,15 @@ def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# 4. Base datasets: raw images -> grayscale, resized, flattened, z-normalised
+# 3. Base datasets: raw images -> grayscale, resized, flattened, z-normalised
 #
 # "Each dataset is z-normalized by its mean and standard deviation across all examples and
 # pixels." We take both statistics from the training split, after resizing.
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(HERE, "data")  # mnist.npz and uci_digits.npz travel with the project
+DATASETS = ["mnist", "uci_digits", "random"]  # and those fetched on first use (the appendix)
+
 
 def to_inputs(images, image_size, stats=None, channels=1):
     """uint8 or float images (N, H, W) or (N, H, W, 3) in [0, 1] or 0..255 -> (N, N_x).
@@ -313,9 +220,6 @@ def load_raw(name, cache_dir=None):
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-DATASETS = ["mnist", "uci_digits", "random"]
-
-
 def load_dataset(name, image_size, device="cpu", cache_dir=None, channels=1):
     """{'train': (x, y), 'test': (x, y)} preprocessed, on device: x (N, N_x) float, y (N,) long.
     For "random", x is RandomImages: new images for every task."""
@@ -332,7 +236,67 @@ def load_dataset(name, image_size, device="cpu", cache_dir=None, channels=1):
 
 
 # -----------------------------------------------------------------------------
-# 5. Datasets fetched on first use: checksum-verified, written atomically, cached
+# 4. Machinery: counter-based random numbers
+#
+# Every random number above comes from a hash of integers: word c of key k is mix(k + c * golden),
+# splitmix64 (Steele, Lea and Flood 2014), in plain torch int64 ops. Why not torch.Generator: a
+# hash makes a task the same on any device, any batch layout and any process (the integers
+# exactly; the normals up to the last bit of the device's log and cos), a whole batch of tasks is
+# a few batched kernels with no per-task seeding, and the batch of step s is a pure function of
+# (seed, s), so a resumed or distributed run sees exactly the batches it would have seen in one
+# piece. A test pins the words to a plain-Python splitmix64.
+#
+# The mixer is a bijection of 64-bit words; int64 multiplication wraps modulo 2^64 on CPU and GPU
+# alike (a test checks it), and '>>' is arithmetic on int64, so each shift is masked to be logical.
+
+GOLDEN = 0x9E3779B97F4A7C15 - 2 ** 64            # the odd constants, as signed int64
+C1, C2 = 0xBF58476D1CE4E5B9 - 2 ** 64, 0x94D049BB133111EB - 2 ** 64
+
+
+def _mix64(z):
+    z = (z ^ ((z >> 30) & (2 ** 34 - 1))) * C1
+    z = (z ^ ((z >> 27) & (2 ** 37 - 1))) * C2
+    return z ^ ((z >> 31) & (2 ** 33 - 1))
+
+
+def hash_key(*parts):
+    """Mix ints or int64 tensors (broadcast together) into one well-spread 64-bit key."""
+    key = torch.tensor(0x243F6A8885A308D3, dtype=torch.int64)
+    for p in parts:
+        key = _mix64(key ^ torch.as_tensor(p, dtype=torch.int64))
+    return key
+
+
+def random_bits(key, n):
+    """n pseudo-random 64-bit words per key: (...,) int64 -> (..., n) int64."""
+    counter = torch.arange(n, device=key.device) * GOLDEN      # wraps, as splitmix64 intends
+    return _mix64(key[..., None] + counter)
+
+
+def box_muller(bits):
+    """Two standard normals from each 64-bit word, one from each of its 24-bit halves:
+    (..., k) int64 -> (..., 2k), the k cosine normals then the k sine normals."""
+    u1 = (((bits >> 40) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24     # in (0, 1), never 0
+    u2 = (((bits >> 8) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24
+    r, theta = torch.sqrt(-2.0 * torch.log(u1)), 2.0 * torch.pi * u2
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
+
+
+def random_normal(key, n):
+    """n standard normals per key: (...,) int64 -> (..., n), from words 0 .. ceil(n/2) - 1."""
+    return box_muller(random_bits(key, (n + 1) // 2))[..., :n]
+
+
+def random_below(bits, high):
+    """Integers in [0, high) from 64-bit words (62 bits used; the modulo bias is < 2^-30)."""
+    return (bits & (2 ** 62 - 1)) % high
+
+
+# -----------------------------------------------------------------------------
+# Appendix: datasets fetched on first use (checksum-verified, written atomically, cached)
+#
+# Not needed to follow the chapter: MNIST and UCI digits travel with the project; these are the
+# other datasets of the paper's Table 1, and the readers of their file formats.
 #
 # Each file is streamed to 'name.part', its MD5 (the checksum its publishers list) is checked,
 # and only then is it renamed into place; the converted arrays are cached as one .npz, written

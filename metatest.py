@@ -6,19 +6,169 @@ own CSV files.
     python metatest.py uci --ckpt checkpoints/mnist7_demo.pt   # 99 context rows, many splits
     python metatest.py csv --ckpt C --train a.csv --test b.csv --label target
 
-A command-line companion to gpicl.py (it holds the learner-as-classifier and the baselines);
+A companion to gpicl.py: a meta-trained learner as a classifier for any table of numbers
+(InContextClassifier, with kNN and logistic regression beside it), and the commands above;
 kept apart so gpicl.py stays the meta-learning logic, readable in one sitting.
 """
 import csv
 import json
+import math
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import gpicl
 from train import Parser, check_device, positive_int, seed_int
+
+# -----------------------------------------------------------------------------
+# A meta-trained learner as a classifier for your own table of numbers
+#
+# The learner only ever read sequences of (A x, rho(y)): x a z-normalised N_x-vector, A a random
+# N(0, 1/N_x) matrix, rho a random relabelling. A table of any width d is brought to that form
+# the same way: z-normalise, project by a fixed random d x N_x matrix, map the labels to ids and
+# permute them. Each such random choice is one "task" for the learner; an ensemble averages a few.
+
+
+def check_matrix(X, name="X", width=None):
+    """A finite float matrix (N, d), or a one-line ValueError saying what is wrong."""
+    try:
+        X = np.asarray(X, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold numbers only") from None
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {X.shape}")
+    if X.shape[1] == 0:
+        raise ValueError(f"{name} has width 0: no features to learn from")
+    if width is not None and X.shape[1] != width:
+        raise ValueError(f"{name} has {X.shape[1]} features but the context rows have {width}")
+    if not np.isfinite(X).all():
+        row = np.argwhere(~np.isfinite(X))[0, 0]
+        raise ValueError(f"{name} holds NaN or infinite values (row {row})")
+    return X
+
+
+@torch.no_grad()
+def last_position_logits(model, x_ctx, y_ctx, x_query, batch_size=512):
+    """One sequence per query: the context, then the query last. x_ctx (n, N_x), y_ctx (n,),
+    x_query (Q, N_x) -> logits (Q, 10) at the query. No query sees another."""
+    n, out = len(y_ctx), []
+    for i in range(0, len(x_query), batch_size):
+        xq = x_query[i:i + batch_size]
+        x = torch.cat([x_ctx.expand(len(xq), n, -1), xq[:, None]], 1)          # (B, n+1, N_x)
+        y = F.pad(y_ctx.expand(len(xq), n), (0, 1))     # (B, n+1); the query's label is never read
+        out.append(model(gpicl.make_tokens(x, y))[:, -1].float())             # (B, 10)
+    return torch.cat(out) if out else x_query.new_zeros(0, data.NUM_CLASSES)
+
+
+class InContextClassifier:
+    """fit(X, y) stores the context rows; predict(X) / predict_proba(X) run, for every query
+    row, the sequence [context rows with their labels ; the query] and read the learner's
+    prediction at the last position, all queries in one batch of sequences.
+
+    Features: z-normalised with the context's mean and std, then projected by a random d x N_x
+    matrix with entries N(0, 1/d), so each projected feature has variance ~1, as in meta-training.
+    normalize="column" (default) takes the statistics per column, so no column's units dominate;
+    "global" takes one mean and std over all columns, as meta-training did for pixels: better
+    when the columns share one unit (UCI digits pixels: 0.75 vs 0.63 with 16 members).
+    Labels: up to 10 values of any type, sorted, mapped to ids 0..k-1, then permuted into the
+    learner's 10 labels; probabilities are renormalised over the k labels in use.
+
+    Ensemble: each of `members` members draws its own projection, label permutation and order of
+    the context rows (all seeded by `seed`, so results are reproducible). Context longer than
+    seq_len - 1 rows is split, per member, into ceil(n / (seq_len - 1)) near-equal chunks, each
+    its own sequence; predict_proba averages the probabilities over all members and chunks.
+    """
+
+    def __init__(self, checkpoint, device="cpu", seed=0, members=32, normalize="column",
+                 batch_size=512):
+        if normalize not in ("column", "global"):
+            raise ValueError(f"normalize must be 'column' or 'global', not {normalize!r}")
+        self.model, ckpt = gpicl.load_learner(checkpoint, device)
+        self.n_x = ckpt["model_config"]["n_in"] - data.NUM_CLASSES
+        self.seq_len = ckpt["config"]["seq_len"]
+        self.device, self.seed, self.members, self.normalize = device, seed, members, normalize
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", seed=0, **kw):
+        return cls(path, device=device, seed=seed, **kw)
+
+    def fit(self, X, y):
+        X, y = check_matrix(X), np.asarray(y)
+        if y.ndim != 1 or len(y) != len(X):
+            raise ValueError(f"y must hold one label per row of X: {len(X)} rows, y of shape {y.shape}")
+        if len(X) < 2:
+            raise ValueError(f"need at least 2 context rows to learn from, got {len(X)}")
+        self.classes_, ids = np.unique(y, return_inverse=True)
+        if len(self.classes_) > data.NUM_CLASSES:
+            raise ValueError(f"y has {len(self.classes_)} classes; the learner tells at most "
+                             f"{data.NUM_CLASSES} apart")
+        axis = 0 if self.normalize == "column" else None
+        self.mean_, std = X.mean(axis), X.std(axis)
+        self.std_ = np.where(std > 0, std, 1.0)                     # constant columns become 0
+        self.x_ctx = self.standardize(X)                            # (n, d)
+        self.y_ctx = torch.as_tensor(ids.reshape(-1), device=self.device)   # (n,) ids 0..k-1
+        return self
+
+    def standardize(self, X):
+        """z-normalise by the context's statistics: (N, d) array -> tensor."""
+        return torch.as_tensor((X - self.mean_) / self.std_, dtype=torch.float32, device=self.device)
+
+    def predict_proba(self, X):
+        """(Q, k) probabilities, columns in the order of classes_."""
+        if not hasattr(self, "classes_"):
+            raise ValueError("call fit(X, y) before predict or predict_proba")
+        x_q = self.standardize(check_matrix(X, width=self.x_ctx.shape[1]))        # (Q, d)
+        (n, d), k = self.x_ctx.shape, len(self.classes_)
+        chunks = math.ceil(n / (self.seq_len - 1))
+        proba = torch.zeros(len(x_q), k, device=self.device)
+        for m in range(self.members):
+            key = lambda stream: data.hash_key(self.seed, m, stream).to(self.device)
+            P = data.random_normal(key(1), d * self.n_x).view(d, self.n_x) / d ** 0.5  # (d, N_x)
+            rho = data.random_bits(key(2), data.NUM_CLASSES).argsort()[:k]   # class -> label
+            order = data.random_bits(key(3), n).argsort()
+            x_c, x_p = self.x_ctx @ P, x_q @ P                                # (n, N_x), (Q, N_x)
+            for idx in torch.tensor_split(order, chunks):
+                logits = last_position_logits(self.model, x_c[idx], rho[self.y_ctx[idx]], x_p,
+                                              self.batch_size)               # (Q, 10)
+                proba += logits[:, rho].softmax(-1)                          # (Q, k)
+        return (proba / (self.members * chunks)).cpu().numpy()
+
+    def predict(self, X):
+        proba = self.predict_proba(X)                               # (Q, k)
+        return self.classes_[proba.argmax(1)]
+
+
+# -----------------------------------------------------------------------------
+# Baselines on the same context rows (already z-normalised): kNN and logistic regression
+
+def knn_predict(x_ctx, y_ctx, x_query, k=1):
+    """Majority of the k nearest context rows (Euclidean); a tie goes to the nearest one's class."""
+    idx = torch.cdist(x_query, x_ctx).topk(min(k, len(y_ctx)), largest=False).indices  # (Q, k)
+    n_cls = int(y_ctx.max()) + 1
+    votes = F.one_hot(y_ctx[idx], n_cls).sum(1) + 0.5 * F.one_hot(y_ctx[idx[:, 0]], n_cls)
+    return votes.argmax(1)
+
+
+def logreg_predict(x_ctx, y_ctx, x_query, l2=1e-2, iters=200):
+    """Multinomial logistic regression, full-batch L-BFGS on cross-entropy + l2/2 |W|^2."""
+    W = torch.zeros(x_ctx.shape[1] + 1, int(y_ctx.max()) + 1, device=x_ctx.device,
+                    requires_grad=True)                                 # (d+1, k)
+    a = F.pad(x_ctx, (0, 1), value=1.0)                                 # (n, d+1), bias column
+    opt = torch.optim.LBFGS([W], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ W, y_ctx) + l2 / 2 * W[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return (F.pad(x_query, (0, 1), value=1.0) @ W.detach()).argmax(1)
+
 
 # -----------------------------------------------------------------------------
 # UCI digits: the learner on a table of numbers vs the way it was trained, and the baselines
@@ -28,7 +178,7 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
     """{method: (mean accuracy, 95% CI over splits)}. Each split draws n_context context rows
     and n_queries other rows as queries. "image path" feeds the digits as meta-testing does (a
     resized image under an unseen task's projection and relabelling, one task or an ensemble);
-    "table path" is gpicl.InContextClassifier on the 64 raw pixel values, as from a CSV. Ensemble
+    "table path" is InContextClassifier on the 64 raw pixel values, as from a CSV. Ensemble
     members differ in projection, relabelling and context order; the order matters most, as the
     learner leans on the latest context rows."""
     raw = data.load_raw("uci_digits")["test"]
@@ -36,7 +186,7 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
     X = images.reshape(len(y), -1) * 16                              # (1797, 64) values 0..16
     model, ckpt = gpicl.load_learner(checkpoint, device)
     tasks = data.unseen_task_ids(splits * members).view(splits, members)
-    classifiers = {(norm, m): gpicl.InContextClassifier(checkpoint, device, 0, m, norm)
+    classifiers = {(norm, m): InContextClassifier(checkpoint, device, 0, m, norm)
                    for norm, m in (("column", 1), ("column", members), ("global", members))}
     acc = {}
     add = lambda name, pred: acc.setdefault(name, []).append((pred.cpu() == y[q]).float().mean().item())
@@ -49,7 +199,7 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
         for j, task in enumerate(tasks[s]):  # each member: its own task and context order
             x_t, y_t = data.apply_tasks(x_img[None], y[None].to(device), task[None].to(device))
             cj = c[data.random_bits(data.hash_key(seed, s, j, 5), n_context).argsort()]
-            logits = gpicl.last_position_logits(model, x_t[0, cj], y_t[0, cj], x_t[0, q])  # (Q, 10)
+            logits = last_position_logits(model, x_t[0, cj], y_t[0, cj], x_t[0, q])  # (Q, 10)
             proba = proba + logits.softmax(-1)[:, data.task_permutation(task[None])[0]]
             if j == 0:
                 add("GPICL image path, 1 task", proba.argmax(1))
@@ -62,9 +212,9 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
             if m > 1:
                 x_q = clf.standardize(X[q])
                 for k in (1, 3):
-                    add(f"kNN k={k}, {norm} z-norm", gpicl.knn_predict(clf.x_ctx, clf.y_ctx, x_q, k))
+                    add(f"kNN k={k}, {norm} z-norm", knn_predict(clf.x_ctx, clf.y_ctx, x_q, k))
                 add(f"logistic regression, {norm} z-norm",
-                    gpicl.logreg_predict(clf.x_ctx, clf.y_ctx, x_q))
+                    logreg_predict(clf.x_ctx, clf.y_ctx, x_q))
     return {name: (float(np.mean(a)), gpicl.ci95(torch.tensor(a, dtype=torch.float64)))
             for name, a in acc.items()}
 
@@ -166,13 +316,13 @@ def read_table(path, label, columns=None):
 def run_csv(args):
     names, X, y = read_table(args.train, args.label)
     _, X_test, y_test = read_table(args.test, args.label, names)
-    clf = gpicl.InContextClassifier(args.ckpt, args.device, args.seed, args.members, args.normalize)
+    clf = InContextClassifier(args.ckpt, args.device, args.seed, args.members, args.normalize)
     clf.fit(X, y)
     proba = clf.predict_proba(X_test)
     pred = clf.classes_[proba.argmax(1)]
-    x_q = clf.standardize(gpicl.check_matrix(X_test, width=X.shape[1]))
-    others = {f"knn_k{args.k}": gpicl.knn_predict(clf.x_ctx, clf.y_ctx, x_q, args.k),
-              "logreg": gpicl.logreg_predict(clf.x_ctx, clf.y_ctx, x_q)}
+    x_q = clf.standardize(check_matrix(X_test, width=X.shape[1]))
+    others = {f"knn_k{args.k}": knn_predict(clf.x_ctx, clf.y_ctx, x_q, args.k),
+              "logreg": logreg_predict(clf.x_ctx, clf.y_ctx, x_q)}
     others = {k: clf.classes_[v.cpu().numpy()] for k, v in others.items()}
     if y_test is not None:
         print(f"accuracy on {len(pred)} rows of {args.test}: GPICL {np.mean(pred == y_test):.3f} | "

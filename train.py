@@ -69,13 +69,13 @@ def duration(s):
     return v
 
 
-MAX_TASKS = 2 ** 62  # task ids are drawn from 62 random bits (data.random_below)
+MAX_TASKS = data.FRESH  # task ids are drawn from 62 random bits (data.random_below)
 
 
 def num_tasks_type(s):
-    """'65536', '2**16', '2^16' -> 65536; 'fresh' -> None (a new task for every sequence)."""
+    """'65536', '2**16', '2^16' -> 65536; 'fresh' -> data.FRESH (a new task for every sequence)."""
     if s.lower() in ("fresh", "inf", "infinite"):
-        return None
+        return data.FRESH
     base, sep, exp = s.replace("^", "**").partition("**")
     try:
         n = int(base) ** min(int(exp), 64) if sep else int(s)  # 2**10**9 would take forever
@@ -162,7 +162,7 @@ def get_parser():
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the learner and task generation")
+                   help="torch.compile the learner")
     g.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch (default: torch's choice)")
     return p
@@ -392,11 +392,11 @@ def meta_train(argv, stop):
             print(f"{args.model} has no meta-parameters to train: evaluating it as it is")
         print(f"device {args.device} | {world} process(es) x {args.grad_accum} accumulation steps x "
               f"{micro} sequences = meta-batch {args.batch_size} | num_tasks "
-              f"{args.num_tasks or 'fresh'} | N_x {n_x} | steps {step} -> {args.steps}")
+              f"{'fresh' if args.num_tasks == data.FRESH else args.num_tasks} | N_x {n_x} | "
+              f"steps {step} -> {args.steps}")
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-        data.compile_task_generation()
     if ddp and args.steps:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
