@@ -740,6 +740,7 @@ def test_adam_matches_optax_formula_with_eps_root():
     assert abs(q.item()) < 0.01 and abs(r.item()) > 0.09
 
 
+@pytest.mark.slow
 def test_time_budget_reads_durations_and_a_bad_one_is_one_line(tmp_path):
     assert [train.duration(s) for s in ("300", "300s", "5m", "1.5h", " 2S ", ".5m")] == \
         [300, 300, 300, 5400, 2, 30]
@@ -751,6 +752,7 @@ def test_time_budget_reads_durations_and_a_bad_one_is_one_line(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_time_budget_ends_the_run_as_its_last_step_would_and_resume_continues(tmp_path):
     # log, evaluation and checkpoint intervals far beyond the run: all three come from the budget
     out = tmp_path / "r"
@@ -1036,6 +1038,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     assert [s for s, _ in losses(out)] == list(range(10, ckpt["step"] + 11, 10))
 
 
+@pytest.mark.slow
 def test_time_budget_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     # rank 0 decides at a loss record's all-reduce; a rank that stopped alone would leave the
     # other waiting in the next all-reduce (the test's timeout)
@@ -1130,6 +1133,7 @@ SUITE_FILES = ["bench.json", "log.jsonl", "suite.json", "suite.log", "summary.js
                "table1.md"]
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run_writes_its_files_and_numbers_that_agree(tmp_path):
     out = tmp_path / "suite"
     p = subprocess.run([PY, os.path.join(HERE, "bench.py"), "suite", "--out", str(out), "--dry-run",
