@@ -58,9 +58,15 @@ class Learner(nn.Module):
 # four gates, so its fan-in is n_in + hidden, and it adds 1 to the forget gate's pre-activation.
 
 def trunc_normal(p, std, generator=None):
-    """Normal within two standard deviations, rescaled so that the std is std (as Haiku)."""
-    s = std / 0.87962566                              # the std of N(0, 1) truncated to [-2, 2]
-    return nn.init.trunc_normal_(p, std=s, a=-2 * s, b=2 * s, generator=generator)
+    """Haiku's TruncatedNormal(std), hk.Linear's default: N(0, std^2) cut at two std (so the
+    values' std is 0.88 std)."""
+    return nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std, generator=generator)
+
+
+def variance_scaling(p, scale):
+    """Haiku's VarianceScaling(scale, "fan_in", "truncated_normal"): truncated normal rescaled
+    so that the values' std is sqrt(scale / fan_in) (0.8796 is the std of N(0, 1) cut at 2)."""
+    return trunc_normal(p, math.sqrt(scale / p.shape[1]) / 0.87962566)
 
 
 def haiku_lstm_init(lstm):
@@ -151,17 +157,18 @@ class Transformer(Learner):
         self.blocks = nn.ModuleList(Block(width, n_head, key_size) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, n_out)
-        # Initialisation as in the authors' transformer.py (Haiku's fan-in variance scaling), not
-        # GPT-2's N(0, 0.02): attention and MLP weights std sqrt(2 / (n_layer fan_in)), input and
-        # output layers std 1/sqrt(fan_in), positions std 0.1. On small models the 0.02 start
-        # leaves the attention logits ~100x too small, and meta-training sat at chance for
-        # >6,000 steps.
+        # Initialisation as the authors', not GPT-2's N(0, 0.02): attention and MLP weights by
+        # Haiku's VarianceScaling(2 / n_layer) (transformer.py), the input and output layers
+        # hk.Linear's TruncatedNormal(1 / sqrt(fan_in)), positions TruncatedNormal(0.1)
+        # (models.py). On small models the 0.02 start leaves the attention logits ~100x too
+        # small, and meta-training sat at chance for >6,000 steps.
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
+            elif name.startswith(("embed", "head")):
+                trunc_normal(p, p.shape[1] ** -0.5)
             elif p.dim() == 2 and name != "pos":
-                scale = 1.0 if name.startswith(("embed", "head")) else 2.0 / n_layer
-                trunc_normal(p, math.sqrt(scale / p.shape[1]))
+                variance_scaling(p, 2.0 / n_layer)
         trunc_normal(self.pos, 0.1)
 
     def run(self, tokens):                                           # tokens (B, T, n_in)
