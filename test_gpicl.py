@@ -783,13 +783,33 @@ def test_time_budget_ends_the_run_as_its_last_step_would_and_resume_continues(tm
     assert later["train_time_s"] >= summary["train_time_s"] + 1
 
 
+def test_presets_fill_what_no_flag_gives_and_flags_win():
+    parse = lambda *a: train.get_parser().parse_args(list(a))
+    args = parse("--device", "cpu")
+    train.apply_preset(args)
+    assert args.preset == "cpu" and args.image_size == 7 and args.num_tasks == data.FRESH
+    assert (args.width, args.n_layer, args.key_size) == (64, 2, 32)
+    args = parse("--preset", "paper", "--image-size", "9", "--steps", "5")
+    train.apply_preset(args)
+    assert (args.image_size, args.steps, args.batch_size, args.seqs_per_task) == (9, 5, 512, 32)
+    assert args.width == 512 and args.bias == 0.5
+    args = parse("--preset", "cpu", "--model", "lstm")           # sizes are the Transformer's
+    train.apply_preset(args)
+    assert args.width is None and args.n_head is None and args.batch_size == 128
+    args = parse("--preset", "cpu", "--state-size", "3200")       # the state picks the key size
+    train.apply_preset(args)
+    assert args.key_size is None and args.width == 64
+
+
 @pytest.mark.slow
 def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
     p = run_train(["--model", "lstm", "--state-size", "1024", "--steps", "1", "--batch-size", "2",
                    "--seq-len", "10", "--eval-tasks", "1", "--eval-seqs", "2",
                    "--out-dir", str(tmp_path / "r")])
     assert p.returncode == 0, p.stderr
-    assert "state size 1,024 floats" in p.stdout and "parameters 2,475,018" in p.stdout
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("preset cpu:") and "--preset paper" in first     # no GPU here
+    assert "state size 1,024 floats" in p.stdout and "parameters 2,399,754" in p.stdout  # 7x7
     summary = json.load(open(tmp_path / "r" / "summary.json"))
     assert summary["state_size"] == 1024 and summary["model_config"]["width"] == 512
 

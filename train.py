@@ -88,24 +88,80 @@ def num_tasks_type(s):
     return n
 
 
+# -----------------------------------------------------------------------------
+# Presets: what `python train.py` runs when no flag says otherwise (an explicit flag always wins)
+#
+# paper: the authors' code defaults (research/data_driven: 14x14 MNIST, 16 task slots x 32
+#   sequences, optax's Adam, 50,000 steps; the Transformer 512 wide, 4 layers, 8 heads of key
+#   size 32), with 2^25 tasks (the top of the paper's sweep) and identity labels on half the
+#   task slots (the paper biases "a fraction" of each batch; 0.5 is ours). Days on a CPU.
+# cpu: ours, a recipe that learns in context on 2 CPU cores in minutes: 7x7 MNIST, fresh tasks,
+#   a 2-layer d_model-64 Transformer, batch 128, the same bias, no eps_root, cosine decay.
+PRESETS = {
+    "paper": dict(image_size=14, num_tasks=2 ** 25, bias=0.5, seqs_per_task=32, batch_size=512,
+                  adam_eps_root=1e-8, schedule="constant", steps=50_000, eval_every=1000,
+                  eval_tasks=32, eval_seqs=128),
+    "cpu": dict(image_size=7, num_tasks=data.FRESH, bias=0.5, seqs_per_task=1, batch_size=128,
+                adam_eps_root=0.0, schedule="cosine", steps=6000, eval_every=1000,
+                eval_tasks=16, eval_seqs=32),
+}
+PRESET_SUMMARY = {"paper": "the authors' settings on 14x14 MNIST, 50,000 steps of 512 sequences",
+                  "cpu": "a small Transformer on 7x7 MNIST that learns in context in minutes"}
+TRANSFORMER_PRESETS = {"paper": dict(width=512, n_layer=4, n_head=8, key_size=32),
+                       "cpu": dict(width=64, n_layer=2, n_head=4, key_size=32)}
+
+
+def apply_preset(args):
+    """Fill every flag left unset (None) from the preset: paper on a GPU, cpu elsewhere."""
+    if args.preset is None:
+        gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        args.preset = "paper" if gpu else "cpu"
+    preset = dict(PRESETS[args.preset])
+    if args.model == "transformer":  # the other learners keep their own sizes
+        preset.update(TRANSFORMER_PRESETS[args.preset])
+        if args.state_size is not None:  # the state size picks the key size
+            del preset["key_size"]
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def preset_help(key, text):
+    values = {p: PRESETS[p].get(key, TRANSFORMER_PRESETS[p].get(key)) for p in PRESETS}
+    show = lambda v: "fresh" if v == data.FRESH else v
+    return f"{text} (preset: " + ", ".join(f"{p} {show(v)}" for p, v in values.items()) + ")"
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a preset's flags say their values themselves
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_parser():
     p = Parser(description="Meta-train a general-purpose in-context learner (GPICL).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=Help)
     g = p.add_argument_group("tasks")
     g.add_argument("--dataset", default="mnist", choices=data.DATASETS,
                    help="base dataset that task augmentation turns into many tasks")
-    g.add_argument("--image-size", type=positive_int, default=14,
-                   help="images are resized to this square size; N_x = image_size^2")
+    g.add_argument("--preset", choices=list(PRESETS),
+                   help="defaults for every flag below marked 'preset' (default: paper on a GPU, "
+                        "cpu elsewhere)")
+    g.add_argument("--image-size", type=positive_int,
+                   help=preset_help("image_size", "images are resized to this square size; "
+                                                  "N_x = image_size^2"))
     g.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
-    g.add_argument("--num-tasks", type=num_tasks_type, default=2 ** 25,
-                   help="number of tasks: 65536, 2**16, or 'fresh' for a new task per sequence")
-    g.add_argument("--bias", type=fraction, default=0.0,
-                   help="fraction of every meta-batch's task slots that keep one fixed label "
-                        "permutation (the identity), projections random (paper 4.3)")
+    g.add_argument("--num-tasks", type=num_tasks_type,
+                   help=preset_help("num_tasks", "number of tasks: 65536, 2**16, or 'fresh' for "
+                                                 "a new task per sequence"))
+    g.add_argument("--bias", type=fraction,
+                   help=preset_help("bias", "fraction of every meta-batch's task slots that keep "
+                                    "one fixed label permutation (the identity), projections "
+                                    "random (paper 4.3)"))
     g.add_argument("--bias-task", type=fraction, default=0.0,
                    help="fraction of every meta-batch's task slots that use the one fixed task 0")
-    g.add_argument("--seqs-per-task", type=positive_int, default=1,
-                   help="sequences that share one task within a meta-batch (the authors: 32)")
+    g.add_argument("--seqs-per-task", type=positive_int,
+                   help=preset_help("seqs_per_task", "sequences that share one task within a "
+                                                     "meta-batch"))
     g.add_argument("--channels", type=int, choices=[1, 3], default=1,
                    help="1: grayscale images; 3: grayscale tiled to RGB (the authors' channel_expand)")
     g.add_argument("--lookup-steps", type=nonneg_int, default=0,
@@ -116,39 +172,48 @@ def get_parser():
     g = p.add_argument_group("learner")
     g.add_argument("--model", default="transformer", choices=list(models.MODELS),
                    help="the learner")
-    g.add_argument("--width", type=positive_int, help="model width (default: the learner's own)")
-    g.add_argument("--n-layer", type=positive_int, help="layers (default: the learner's own)")
-    g.add_argument("--n-head", type=positive_int, help="attention heads (Transformer)")
-    g.add_argument("--key-size", type=positive_int, help="per-head key size (Transformer)")
+    g.add_argument("--width", type=positive_int,
+                   help=preset_help("width", "model width (other learners: their own default)"))
+    g.add_argument("--n-layer", type=positive_int,
+                   help=preset_help("n_layer", "layers (other learners: their own default)"))
+    g.add_argument("--n-head", type=positive_int, help=preset_help("n_head", "attention heads"))
+    g.add_argument("--key-size", type=positive_int,
+                   help=preset_help("key_size", "per-head key size"))
     g.add_argument("--state-size", type=positive_int,
                    help="size the learner so that its state is exactly this many floats "
                         "(the Transformer by its key size, the others by their width)")
     g = p.add_argument_group("meta-training")
-    g.add_argument("--steps", type=positive_int, default=50_000, help="optimizer steps")
+    g.add_argument("--steps", type=positive_int, help=preset_help("steps", "optimizer steps"))
     g.add_argument("--time-budget", type=duration,
                    help="stop at the first step boundary after this much training wall time "
                         "(300, 300s, 5m, 1.5h; a resumed run counts from the resume), then "
                         "evaluate, checkpoint and summarise as at the last step; --resume "
                         "continues to --steps")
-    g.add_argument("--batch-size", type=positive_int, default=128,
-                   help="sequences per meta-batch, over all processes and accumulation steps")
+    g.add_argument("--batch-size", type=positive_int,
+                   help=preset_help("batch_size", "sequences per meta-batch, over all processes "
+                                                  "and accumulation steps"))
     g.add_argument("--grad-accum", type=positive_int, default=1,
                    help="split each meta-batch into this many sequential micro-batches")
     g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     g.add_argument("--adam-eps", type=positive_float, default=1e-8,
                    help="Adam epsilon; smaller shortens loss plateaus (paper 4.3)")
-    g.add_argument("--adam-eps-root", type=nonneg_float, default=1e-8,
-                   help="Adam epsilon inside the square root, as optax's eps_root")
+    g.add_argument("--adam-eps-root", type=nonneg_float,
+                   help=preset_help("adam_eps_root", "Adam epsilon inside the square root, as "
+                                                     "optax's eps_root"))
     g.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up steps")
-    g.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                   help="learning rate after warm-up: constant, or cosine decay to 10%%")
+    g.add_argument("--schedule", choices=["constant", "cosine"],
+                   help=preset_help("schedule", "learning rate after warm-up: constant, or "
+                                                "cosine decay to 10%%"))
     g.add_argument("--grad-clip", type=nonneg_float, default=0.0,
                    help="clip the gradient norm to this; 0: no clipping (the authors' default)")
     g.add_argument("--seed", type=seed_int, default=0, help="seed of the meta-batches and init")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=positive_int, default=1000, help="steps between evaluations")
-    g.add_argument("--eval-tasks", type=positive_int, default=32, help="seen and unseen tasks evaluated")
-    g.add_argument("--eval-seqs", type=positive_int, default=128, help="sequences per evaluated task")
+    g.add_argument("--eval-every", type=positive_int,
+                   help=preset_help("eval_every", "steps between evaluations"))
+    g.add_argument("--eval-tasks", type=positive_int,
+                   help=preset_help("eval_tasks", "seen and unseen tasks evaluated"))
+    g.add_argument("--eval-seqs", type=positive_int,
+                   help=preset_help("eval_seqs", "sequences per evaluated task"))
     g.add_argument("--eval-datasets", default="uci_digits,random",
                    help="comma-separated other datasets to meta-test on (unseen tasks)")
     g.add_argument("--baselines", default="on", choices=["on", "off"],
@@ -196,7 +261,7 @@ def check_device(parser, device):
 
 
 # What defines the meta-batches of a run: a resumed run must keep them, or it continues another
-RUN_KEYS = ("dataset", "image_size", "channels", "seq_len", "num_tasks", "bias", "bias_task",
+RUN_KEYS = ("preset", "dataset", "image_size", "channels", "seq_len", "num_tasks", "bias", "bias_task",
             "seqs_per_task", "lookup_steps", "lookup_seq_len", "batch_size", "seed")
 CHECKPOINT_FORMAT = 2  # 2: fixed-permutation bias, task slots, optax's Adam, key size
 
@@ -273,6 +338,7 @@ def main(argv=None):
 def meta_train(argv, stop):
     parser = get_parser()
     args = parser.parse_args(argv)
+    apply_preset(args)
     args.ckpt_every = args.ckpt_every or args.eval_every
     others = [d for d in args.eval_datasets.split(",") if d]
     for d in others:
@@ -386,6 +452,9 @@ def meta_train(argv, stop):
         write_text(log_path, "".join(kept))
 
     if master:
+        other = next(p for p in PRESETS if p != args.preset)
+        print(f"preset {args.preset}: {PRESET_SUMMARY[args.preset]} (--preset {other} for the other; "
+              "any flag overrides)")
         print(f"learner {args.model} {cfg} | parameters {models.num_params(model):,} | "
               f"state size {model.state_size(args.seq_len):,} floats")
         if not args.steps:
