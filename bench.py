@@ -71,7 +71,7 @@ import data
 import gpicl
 import models
 import train
-from train import (MAX_TASKS, Parser, check_device, duration, nonneg_int, positive_float,
+from train import (MAX_TASKS, Parser, check_device, check_out_file, duration, nonneg_int, positive_float,
                    positive_int, typed)
 
 
@@ -172,8 +172,8 @@ def main(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(parser, args.device)
     device_type = torch.device(args.device).type
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"--out {args.out}: its folder does not exist")
+    if args.out is not None:
+        check_out_file(parser, "--out", args.out)
     cuda = device_type == "cuda"
     B = args.batch_size or (128 if cuda else 16)
     T, n_x, seed = args.seq_len, args.image_size ** 2, 0

@@ -15,6 +15,7 @@ The chapter: 1. tasks, 2. sequences, 3. base datasets and their preprocessing; t
 machinery, 4. the counter-based random numbers everything above draws from; and an appendix,
 the datasets that are downloaded on first use. This file imports nothing else from the project.
 """
+import argparse
 import gzip
 import hashlib
 import http.client
@@ -467,16 +468,38 @@ def available(name, cache_dir=None):
                                                                 f"{name}.npz"))
 
 
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Fetch the datasets that are not shipped.")
+# -----------------------------------------------------------------------------
+# 6. The command line: python data.py fetch NAME..., on a machine with a network
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump (as train.py's)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_parser():
+    p = Parser(prog="data.py", description="Fetch the datasets that are not shipped.")
     p.add_argument("command", choices=["fetch"])
     p.add_argument("names", nargs="+", choices=list(DOWNLOADS))
     p.add_argument("--data-dir", default=None,
                    help="cache folder (default: $GPICL_DATA or ~/.cache/gpicl)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
+    args = p.parse_args(argv)
+    d = default_cache_dir() if args.data_dir is None else args.data_dir
+    try:  # the cache folder, made before any download starts
+        os.makedirs(d, exist_ok=True)
+    except (OSError, ValueError) as e:  # a file in its place, no permission, a NUL in the name
+        p.error(f"--data-dir {d!r} is not a folder that can be used "
+                f"({getattr(e, 'strerror', None) or e})")
     for n in args.names:
         try:
-            print(n, "->", fetch_dataset(n, args.data_dir))
-        except OSError as e:
-            p.exit(1, f"data.py: error: {e}\n")
+            print(n, "->", fetch_dataset(n, d))
+        except (OSError, ValueError) as e:  # the network, the disk, or a file that does not convert
+            p.exit(1, f"data.py: error: {n}: {(str(e).splitlines() or [type(e).__name__])[0]}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from train import Parser, positive_int
+from train import Parser, check_out_file, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WINDOW, DELTA, CHANCE = 5, 0.1, 0.1
@@ -179,9 +179,18 @@ def run_id(params):
 
 
 def read_records(path):
+    """The records of a results file ([] before the first); a one-line ValueError or OSError
+    for a file that is not one."""
     if not os.path.exists(path):
         return []
-    return [json.loads(l) for l in open(path) if l.strip()]
+    records = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except ValueError:
+                raise ValueError(f"line {i} is not a JSON record; is it a results file?") from None
+    return records
 
 
 def subsample(points, n=1000):
@@ -495,26 +504,38 @@ def plot(name, records, path):
     return path
 
 
-def main(argv=None):
-    p = Parser(description=__doc__.split("\n")[1])
+def get_parser():
+    p = Parser(prog="experiments.py", description=__doc__.split("\n")[1])
     p.add_argument("name", choices=list(EXPERIMENTS) + ["all"], help="an experiment, or all of them")
     p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--out", help="results file (default results/NAME.jsonl, or NAME_gpu.jsonl)")
     p.add_argument("--jobs", type=positive_int, default=2,
                    help="runs at a time (all experiments share them)")
     p.add_argument("--plot", action="store_true", help="draw results/NAME.png from the results file")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     a = p.parse_args(argv)
     names = list(EXPERIMENTS) if a.name == "all" else [a.name]
     suffix = "" if a.scale == "cpu" else "_gpu"
-    outs = {n: a.out if a.out and a.name != "all" else
+    outs = {n: a.out if a.out is not None and a.name != "all" else
             os.path.join(HERE, "results", f"{n}{suffix}.jsonl")
             for n in names}
+    records = {}
+    for n in names:  # every results file checked before any run starts or any figure is drawn
+        if not a.plot:
+            check_out_file(p, "--out", outs[n], make_folder=True)
+        try:
+            records[n] = read_records(outs[n])
+        except (OSError, ValueError) as e:  # a folder, unreadable, not JSON, not UTF-8
+            p.error(f"--out {outs[n]}: {getattr(e, 'strerror', None) or e}")
     if a.plot:
         for n in names:
-            records = read_records(outs[n])
-            if not records:
+            if not records[n]:
                 p.error(f"no results in {outs[n]} yet; run `python experiments.py {n}` first")
-            print(plot(n, records, os.path.splitext(outs[n])[0] + ".png"))
+            print(plot(n, records[n], os.path.splitext(outs[n])[0] + ".png"))
         return
     items = []
     for n in names:

@@ -17,6 +17,9 @@ is metatest.py's InContextClassifier.)
 Uses data.py (tasks, sequences) and models.py (learners); imported by train.py.
 """
 import math
+import os
+import pickle
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -288,10 +291,47 @@ def format_results(results):
 # -----------------------------------------------------------------------------
 # A trained learner from a checkpoint
 
+def load_checkpoint(path, device="cpu"):
+    """The dict of a train.py checkpoint, read safely: the one place where checkpoints are loaded.
+
+    torch.load(weights_only=True) rebuilds only tensors, dicts, lists, tuples, numbers, strings
+    and None, never an arbitrary object, so a file from a stranger cannot run code as it loads
+    (a pickle may name any function to call; this refuses every one). A missing, truncated or
+    corrupted file, or one that is refused, is a one-line ValueError."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} " + ("is a folder, not a file" if os.path.isdir(path)
+                                                  else "does not exist"))
+    try:
+        with warnings.catch_warnings():  # e.g. a pickle protocol warning: our error says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except PermissionError as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except pickle.UnpicklingError as e:  # refused, or garbage that the safe unpickler cannot read
+        why = str(e).partition("WeightsUnpickler error:")[2].strip() or str(e)
+        why = why.splitlines()[0].split(" was not an allowed global")[0]
+        raise ValueError(f"{path} is refused: it is not made of tensors, numbers and strings only "
+                         f"({why}); loading it could run code, or it is corrupted") from None
+    except Exception as e:  # truncated or corrupted: zip, pickle and storage errors alike
+        why = (str(e).splitlines() or [""])[0][:100]
+        raise ValueError(f"{path} is truncated or corrupted ({type(e).__name__}: {why})") from None
+    missing = [k for k in ("model", "model_config", "config")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a train.py checkpoint (no {', '.join(missing)} in it)")
+    return ckpt
+
+
 def load_learner(path, device="cpu"):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    m = ckpt["model_config"]
-    model = models.build(m["kind"], m["n_in"], m["n_out"], **m["cfg"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    """(model in eval mode, checkpoint dict) from a train.py checkpoint; a one-line ValueError
+    for a file that is not one."""
+    ckpt = load_checkpoint(path, device)
+    try:
+        m = ckpt["model_config"]
+        model = models.build(m["kind"], m["n_in"], m["n_out"], **m["cfg"]).to(device)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        why = (str(e).splitlines() or [""])[0][:100]
+        raise ValueError(f"{path} holds no learner that models.py can build "
+                         f"({type(e).__name__}: {why})") from None
     return model.eval(), ckpt

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import data
 import gpicl
-from train import Parser, check_device, positive_int, seed_int
+from train import Parser, check_device, check_out_file, positive_int, seed_int
 
 # -----------------------------------------------------------------------------
 # A meta-trained learner as a classifier for your own table of numbers
@@ -336,7 +336,7 @@ def run_csv(args):
     print(f"predictions -> {args.out}")
 
 
-def main(argv=None):
+def get_parser():
     p = Parser(prog="metatest.py", description="Meta-test trained in-context learners.")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
@@ -362,18 +362,28 @@ def main(argv=None):
     t.add_argument("--tasks", type=positive_int, default=32, help="unseen tasks per dataset")
     t.add_argument("--seqs", type=positive_int, default=32, help="sequences per task")
     t.add_argument("--out-dir", default=".")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     check_device(p, args.device)
+    # every check before any work: the checkpoints (read safely), then where results go
     for path in getattr(args, "ckpts", None) or [args.ckpt]:
-        if not os.path.isfile(path):
-            p.error(f"checkpoint {path} does not exist")
         try:
             gpicl.load_learner(path)
-        except Exception as e:  # any failure here means: not a checkpoint of train.py
-            p.error(f"{path} is not a train.py checkpoint ({type(e).__name__}: "
-                    f"{(str(e).splitlines() or [''])[0][:100]})")
+        except ValueError as e:  # missing, truncated, corrupted, refused, or not train.py's
+            p.error(str(e))
+    if args.command == "csv":
+        check_out_file(p, "--out", args.out)
+    if args.command == "table1":
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+            p.error(f"--out-dir {args.out_dir}: {getattr(e, 'strerror', None) or e}")
     try:
         if args.command == "csv":
             run_csv(args)

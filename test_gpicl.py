@@ -698,21 +698,22 @@ def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypatch, sig):
     args = [*TINY, "--steps", "6", "--log-every", "2", "--eval-every", "1000"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     train.main([*args, "--out-dir", whole])
     adam_step, calls = train.Adam.step, []
 
-    def interrupt_then_step(self):  # Ctrl-C inside step 3: its loss is summed, Adam not yet run
+    def interrupt_then_step(self):  # the signal inside step 3: its loss is summed, Adam not yet run
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return adam_step(self)
     monkeypatch.setattr(train.Adam, "step", interrupt_then_step)
     with pytest.raises(SystemExit) as stopped:
         train.main([*args, "--out-dir", cut])
-    assert stopped.value.code == 130
+    assert stopped.value.code == 128 + sig                      # 130 for Ctrl-C, 143 for SIGTERM
     assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=False)["step"] == 3
     monkeypatch.undo()
     train.main([*args, "--out-dir", cut, "--resume"])
@@ -799,6 +800,92 @@ def test_presets_fill_what_no_flag_gives_and_flags_win():
     args = parse("--preset", "cpu", "--state-size", "3200")       # the state picks the key size
     train.apply_preset(args)
     assert args.key_size is None and args.width == 64
+
+
+class MakesAFile:
+    """Unpickled, this calls open(path, "w"): a file appears if loading a pickle runs its code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_that_would_run_code_or_are_cut_are_refused_in_one_line(tmp_path, capsys):
+    out, marker = tmp_path / "r", tmp_path / "pickle_ran"
+    args = [*TINY, "--steps", "1", "--out-dir", str(out)]
+    train.main(args)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # what train.py saves reads back safely
+    ckpt["config"]["note"] = MakesAFile(str(marker))
+    evil, cut = tmp_path / "evil.pt", tmp_path / "cut.pt"
+    torch.save(ckpt, evil)
+    cut.write_bytes((out / "ckpt.pt").read_bytes()[:5000])              # a copy cut short
+    capsys.readouterr()
+    for bad, why in ((evil, "refused"), (cut, "truncated or corrupted")):
+        shutil.copy(bad, out / "ckpt.pt")
+        for main, argv in ((train.main, [*args, "--steps", "2", "--resume"]),
+                           (metatest.main, ["table1", str(bad), "--out-dir", str(tmp_path)]),
+                           (metatest.main, ["uci", "--ckpt", str(bad)])):
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and why in err and len(err.strip().splitlines()) == 1, err
+        with pytest.raises(ValueError, match=why) as e:
+            metatest.InContextClassifier(str(bad))
+        assert "\n" not in str(e.value)
+    assert not marker.exists()                       # nothing above ran the pickle's code...
+    torch.load(evil, weights_only=False)
+    assert marker.exists()                           # ...which an unsafe load would have run
+
+
+@pytest.mark.parametrize("log_every, ckpt_every", [(3, 2), (100, 1)])
+def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint_before_it(tmp_path, monkeypatch, capsys,
+                                                                     log_every, ckpt_every):
+    args = [*TINY, "--eval-every", "1000", "--log-every", str(log_every),
+            "--ckpt-every", str(ckpt_every)]
+    train.main([*args, "--steps", "4", "--out-dir", str(tmp_path / "good")])
+    meta_loss, calls = gpicl.meta_loss, []
+
+    def nan_at_step_5(*a):
+        calls.append(1)
+        loss = meta_loss(*a)
+        return loss * math.nan if len(calls) == 5 else loss
+    monkeypatch.setattr(gpicl, "meta_loss", nan_at_step_5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--steps", "8", "--out-dir", str(tmp_path / "nan")])
+    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # not tqdm's bar
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("train.py: error: "), err
+    assert "not finite" in err[0] and "at step 5" in err[0]
+    ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
+    good = torch.load(tmp_path / "good" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4                        # never one of step 5 or later (log_every 3: 6)
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in good["model"].items())
+    assert all(s <= 4 for s, _ in losses(tmp_path / "nan"))       # no record of a NaN loss
+
+
+def test_a_live_run_holds_its_folder_and_a_killed_one_does_not(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = [*TINY, "--eval-every", "100000", "--ckpt-every", "5", "--out-dir", str(out)]
+    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *args, "--steps", "100000"],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "ckpt.pt").exists():
+            time.sleep(0.05)                                              # it is training
+        for more in ([], ["--resume"]):  # a second run in its folder, new or continuing it
+            with pytest.raises(SystemExit) as e:
+                train.main([*args, "--steps", "100000", *more])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and f"in use by a running train.py (pid {proc.pid})" in err
+            assert len(err.strip().splitlines()) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)                                  # no chance to unlock
+        proc.wait()
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    train.main([*args, "--steps", str(step + 2), "--resume"])             # not stuck
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 2
 
 
 @pytest.mark.slow
@@ -1031,9 +1118,10 @@ def test_two_processes_under_torchrun_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path):
-    # torchrun passes SIGINT on to the ranks; each may get it in a different step, so they agree
-    # at the next loss record (an all-reduce): one checkpoint, no rank left waiting for the other
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_under_torchrun_stops_every_rank_at_one_step(tmp_path, sig):
+    # torchrun passes SIGINT or SIGTERM on to the ranks; each may get it in a different step, so
+    # they agree at the next loss record (an all-reduce): one checkpoint, no rank left waiting
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "r"
     run = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1044,7 +1132,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     while time.time() < deadline and not ((out / "log.jsonl").exists() and
                                           (out / "log.jsonl").stat().st_size > 0):
         time.sleep(0.05)                                                 # both ranks train
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
         output, _ = proc.communicate(timeout=60)
     finally:

@@ -13,6 +13,7 @@ exactly where its last checkpoint left it: the meta-batch of step s is a pure fu
 """
 import argparse
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -52,9 +53,11 @@ def typed(kind, test, what):
     return parse
 
 
-positive_int = typed(int, lambda v: v > 0, "a positive integer")
+# ours: counts and sizes stop below 2**31, where torch's C ints (torch.set_num_threads) overflow
+# and sizes fail deep inside torch with a traceback
+positive_int = typed(int, lambda v: 0 < v < 2 ** 31, "a positive integer below 2**31")
 seed_int = typed(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")  # it goes into int64
-nonneg_int = typed(int, lambda v: v >= 0, "a non-negative integer")
+nonneg_int = typed(int, lambda v: 0 <= v < 2 ** 31, "a non-negative integer below 2**31")
 positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonneg_float = typed(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
@@ -236,6 +239,19 @@ def get_parser():
 # -----------------------------------------------------------------------------
 # Checkpoints: written to a temporary file, then renamed over the old one in one step
 
+def plain(value):
+    """value with everything but tensors, numbers, strings, None, lists and dicts turned into a
+    string: what torch.load(weights_only=True) reads back (gpicl.load_checkpoint). A config
+    holding, say, a Path still saves, and a checkpoint never needs trusting to be loaded."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    return str(value)
+
+
 def save_checkpoint(path, state):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -252,12 +268,59 @@ def write_text(path, text):
     os.replace(path + ".tmp", path)
 
 
+@contextmanager
+def one_run_per_folder(parser, out_dir):
+    """Hold an exclusive lock on out_dir/lock while the run lives: a second train.py on the same
+    --out-dir is refused instead of interleaving its log and checkpoints with the first. The OS
+    drops a flock when its process ends, however it ends (SIGKILL, a crash), so a killed run
+    never leaves its folder locked; the file itself stays, and means nothing unlocked."""
+    f = open(os.path.join(out_dir, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        parser.error(f"--out-dir {out_dir} is in use by a running train.py (pid {holder}); "
+                     "wait for it or stop it, or choose another --out-dir")
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock: an in-process caller may run again in this folder
+
+
 def check_device(parser, device):
     """One line, not a traceback, for a device name torch does not know or cannot use here."""
     try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError, ValueError) as e:
         parser.error(f"--device {device}: {(str(e).splitlines() or ['unusable'])[0]}")
+
+
+def check_out_file(parser, flag, path, make_folder=False):
+    """One line, before any work, for a file that cannot be written: no name, a NUL in it, a
+    folder, in a folder that does not exist (make_folder: that cannot be made), read-only."""
+    if not path or "\0" in path:
+        parser.error(f"{flag} {path!r} is not a file name")
+    if os.path.isdir(path):
+        parser.error(f"{flag} {path} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if make_folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            parser.error(f"{flag} {path}: cannot make its folder ({e.strerror})")
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()  # append: nothing in it is lost
+    except OSError as e:  # no such folder, read-only, a name too long...
+        parser.error(f"{flag} {path}: {e.strerror}")
+    if not existed:
+        os.remove(path)
 
 
 # What defines the meta-batches of a run: a resumed run must keep them, or it continues another
@@ -296,6 +359,9 @@ class Adam(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
 
+NO_STEP = 2 ** 62  # "no step yet" for a step kept on the device
+
+
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -305,37 +371,58 @@ def lr_at(step, args):
     return args.lr
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, a job scheduler, torchrun's agent
+
+
 @contextmanager
-def stop_on_ctrl_c():
-    """Within it, Ctrl-C (SIGINT, also a sweep's) appends to the yielded list instead of raising:
-    meta-training stops at the end of its step, so the checkpoint holds whole steps and the
-    resumed run is exact. A second Ctrl-C exits at once, saving nothing."""
+def stop_on_signals():
+    """Within it, Ctrl-C (SIGINT, also a sweep's) or SIGTERM (kill, a cluster's scheduler before
+    it preempts, torchrun passing either on to its ranks) appends the signal to the yielded list
+    instead of ending the process: meta-training stops at the end of its step, so the checkpoint
+    holds whole steps and the resumed run is exact. A second signal exits at once, saving
+    nothing. The exit status is then 128 + the signal's number, as a shell reports a kill."""
     stop = []
 
     def request(signum, frame):
         if stop:
             print("\nstopped at once; the last checkpoint is the one to --resume", file=sys.stderr)
-            raise SystemExit(130)
+            raise SystemExit(128 + signum)
         stop.append(signum)
         if os.environ.get("RANK", "0") == "0":
-            print("\nstopping after this step (Ctrl-C again: at once, without saving)",
-                  file=sys.stderr)
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (another one: "
+                  "at once, without saving)", file=sys.stderr)
 
     main_thread = threading.current_thread() is threading.main_thread()  # signals need it
-    old = signal.signal(signal.SIGINT, request) if main_thread else None
+    old = {s: signal.signal(s, request) for s in STOP_SIGNALS} if main_thread else {}
     try:
         yield stop
     finally:
-        if main_thread and old is not None:
-            signal.signal(signal.SIGINT, old)
+        for s, handler in old.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
+def out_of_memory(e):
+    """Whether an exception is an allocation that failed: on CUDA an OutOfMemoryError, on the CPU
+    a RuntimeError from torch's allocator."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 def main(argv=None):
-    with stop_on_ctrl_c() as stop:
-        meta_train(argv, stop)
+    # `held` keeps the lock on --out-dir (one_run_per_folder) until the run ends
+    with stop_on_signals() as stop, ExitStack() as held:
+        try:
+            meta_train(argv, stop, held)
+        except RuntimeError as e:  # a runtime fault, not a bad flag: one line and exit 1
+            if not out_of_memory(e):
+                raise
+            why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
+            print(f"train.py: error: out of memory ({why}); make the learner, --batch-size "
+                  "or --eval-tasks x --eval-seqs smaller", file=sys.stderr)
+            raise SystemExit(1)
 
 
-def meta_train(argv, stop):
+def meta_train(argv, stop, held):
     parser = get_parser()
     args = parser.parse_args(argv)
     apply_preset(args)
@@ -345,6 +432,8 @@ def meta_train(argv, stop):
         if d not in data.DATASETS or d == args.dataset:
             parser.error(f"--eval-datasets: {d!r} is not one of {', '.join(data.DATASETS)} "
                          f"other than {args.dataset}")
+    if args.lookup_steps and args.lookup_seq_len > args.seq_len:
+        parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than --seq-len {args.seq_len}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -378,22 +467,6 @@ def meta_train(argv, stop):
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 
-    # --- data: the base dataset's train split for meta-training, test splits for meta-testing
-    try:
-        base = data.load_dataset(args.dataset, args.image_size, args.device, channels=args.channels)
-        other_sets = {d: data.load_dataset(d, args.image_size, args.device, channels=args.channels)
-                      for d in others}
-    except (OSError, RuntimeError, ValueError) as e:
-        parser.error(str(e))
-    x_train, y_train = base["train"]
-    lookup = None
-    if args.lookup_steps:
-        if args.lookup_seq_len > args.seq_len:
-            parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than "
-                         f"--seq-len {args.seq_len}")
-        lookup = data.load_dataset("random", args.image_size, args.device,
-                                   channels=args.channels)["train"]
-
     # --- the learner
     n_x = args.channels * args.image_size ** 2
     try:
@@ -413,8 +486,10 @@ def meta_train(argv, stop):
 
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out-dir {args.out_dir}: {e.strerror}")
+        if master:  # one run per folder; under torchrun rank 0 holds it for all
+            held.enter_context(one_run_per_folder(parser, args.out_dir))
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        parser.error(f"--out-dir {args.out_dir}: {getattr(e, 'strerror', None) or e}")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
     step, elapsed, running_loss, last_logged = 0, 0.0, 0.0, 0
@@ -422,15 +497,18 @@ def meta_train(argv, stop):
         parser.error(f"{args.out_dir} already holds a run; pass --resume to continue it, "
                      "or choose another --out-dir")
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=False)
+        try:
+            ckpt = gpicl.load_checkpoint(ckpt_path, args.device)
+        except ValueError as e:
+            parser.error(f"--resume: {e}")
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             parser.error(f"--resume: {ckpt_path} was written by an older gpicl (before the "
                          "fixed-permutation bias and optax's Adam); start a new --out-dir")
-        if ckpt["model_config"] != model_config:
+        if ckpt["model_config"] != plain(model_config):
             parser.error(f"--resume: the checkpoint in {args.out_dir} holds a different learner "
                          f"({ckpt['model_config']}); use the flags it was trained with")
-        changed = [f"--{k.replace('_', '-')} {ckpt['config'][k]}" for k in RUN_KEYS
-                   if ckpt["config"][k] != getattr(args, k)]
+        changed = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in RUN_KEYS
+                   if ckpt["config"].get(k) != getattr(args, k)]
         if changed:
             parser.error(f"--resume: the run in {args.out_dir} was trained with {', '.join(changed)}; "
                          "resume it with the same flags")
@@ -445,6 +523,20 @@ def meta_train(argv, stop):
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
         step, elapsed = ckpt["step"], ckpt["elapsed"]
         running_loss, last_logged = ckpt["running_loss"], ckpt["last_logged"]
+    # --- data: the base dataset's train split for meta-training, test splits for meta-testing
+    # (loaded after every check of the flags and of the run to resume: a bad one costs no wait)
+    try:
+        base = data.load_dataset(args.dataset, args.image_size, args.device, channels=args.channels)
+        other_sets = {d: data.load_dataset(d, args.image_size, args.device, channels=args.channels)
+                      for d in others}
+    except (OSError, RuntimeError, ValueError) as e:
+        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    x_train, y_train = base["train"]
+    lookup = None
+    if args.lookup_steps:
+        lookup = data.load_dataset("random", args.image_size, args.device,
+                                   channels=args.channels)["train"]
+
     if master:  # the log keeps exactly the records up to the checkpoint being continued
         kept = []
         if args.resume and os.path.exists(log_path):  # a line cut by a kill has no newline
@@ -476,12 +568,17 @@ def meta_train(argv, stop):
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    saved = step if args.resume and os.path.exists(ckpt_path) else None  # the checkpoint's step
+
     def checkpoint():
+        nonlocal saved
+        saved = step
         save_checkpoint(ckpt_path, dict(
             model=raw_model.state_dict(), step=step,
             running_loss=running.item(), last_logged=last_logged,  # the loss not yet logged
             optimizer=optimizer.state_dict() if optimizer is not None else None,
-            elapsed=elapsed, config=vars(args), model_config=model_config, format=CHECKPOINT_FORMAT,
+            elapsed=elapsed, config=plain(vars(args)), model_config=plain(model_config),
+            format=CHECKPOINT_FORMAT,
             rng=dict(torch=torch.get_rng_state())))
 
     def run_eval():
@@ -497,6 +594,30 @@ def meta_train(argv, stop):
     results, stopping, out_of_time = None, False, False
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     running = torch.tensor(running_loss, device=args.device)  # loss summed since last_logged
+    # A non-finite loss (NaN or inf) ends the run at its step: Adam has already put NaN into the
+    # weights, and a checkpoint of them would replace the last good one. Reading the loss every
+    # step would make the host wait for the device every step, so the first bad step stays on
+    # the device (NO_STEP while there is none) and is read where the loop waits anyway, before
+    # any loss record, evaluation or checkpoint of a step: none is ever written after a NaN.
+    first_bad = torch.tensor(NO_STEP, device=args.device)
+
+    def stop_if_not_finite():
+        if ddp:  # one rank's NaN reaches every rank's weights through the averaged gradient
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        bad = int(first_bad.item())
+        if bad == NO_STEP:
+            return
+        bar.close()  # the message on a line of its own
+        if master:
+            kept = (f"the checkpoint in {args.out_dir} is of step {saved}, before it; --resume it "
+                    "with a smaller --lr or --grad-clip" if saved is not None else "no checkpoint "
+                    "was written")
+            print(f"train.py: error: the loss is not finite (NaN or inf) at step {bad}; stopped: "
+                  f"{kept}", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        raise SystemExit(1)
+
     t0 = time.time() - elapsed
     started = time.time()  # the --time-budget counts from here, in a resumed run too
     spent = lambda: args.time_budget is not None and time.time() - started >= args.time_budget
@@ -518,6 +639,7 @@ def meta_train(argv, stop):
                     loss = gpicl.meta_loss(model, x, y) / args.grad_accum
                 loss.backward()
                 running += loss.detach()
+                first_bad.clamp_(max=torch.where(torch.isfinite(loss.detach()), NO_STEP, step + 1))
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
@@ -525,7 +647,10 @@ def meta_train(argv, stop):
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             stopping, out_of_time = bool(stop) and not ddp, spent() and not ddp
-            if step % args.log_every == 0 or step == args.steps or out_of_time:  # the only host sync
+            if (step % args.log_every == 0 or step % args.eval_every == 0 or stopping or out_of_time
+                    or step % args.ckpt_every == 0 or step == args.steps):  # the host syncs below
+                stop_if_not_finite()
+            if step % args.log_every == 0 or step == args.steps or out_of_time:  # a loss record
                 if ddp:
                     dist.all_reduce(running, op=dist.ReduceOp.AVG)
                     asked = torch.tensor([float(bool(stop)), float(master and spent())],
@@ -556,7 +681,7 @@ def meta_train(argv, stop):
             print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume")
         if ddp:
             dist.destroy_process_group()
-        sys.exit(130)
+        sys.exit(128 + (stop[0] if stop else signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
 
     if master:
         results = results or run_eval()
