@@ -145,21 +145,15 @@ def plateaus(scale):
 def learning_curves(scale):
     """Paper Figure 3 / Table 1: accuracy against the number of examples seen, meta-trained on
     MNIST, meta-tested on unseen MNIST tasks and on other datasets; the Transformer goes from
-    0.1 at the first example to ~0.74 at the 100th on MNIST, close to SGD (0.70). cpu: MNIST 7x7,
-    sequences of 100, Transformer d64 x 2 (the README curriculum: 6,000 lookup steps then 3,000
-    MNIST steps), an LSTM with the same budget, and plain SGD (no meta-training): 19 min on 2
-    busy cores, 18 of them the Transformer run.
+    0.1 at the first example to ~0.74 at the 100th on MNIST, close to SGD (0.70). cpu: the cpu
+    preset (MNIST 7x7, sequences of 100, Transformer d64 x 2, 6,000 steps), an LSTM with the same
+    budget, and plain SGD (no meta-training).
     gpu: MNIST 14x14, Transformer d256 x 4, LSTM 1024, 50k steps (+ lookup curriculum 5k), SGD
     and MAML (~3 GPU h). The figure draws the 1-NN and SGD baselines of the evaluation (scored on
     the same sequences, gpicl.evaluate) dashed beside the learners."""
     if scale == "cpu":
-        extra = ["--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
-                 "--seq-len", "100", "--eval-datasets", "uci_digits,random", "--eval-tasks", "8",
-                 "--eval-seqs", "32", "--log-every", "50", "--lr", "2e-3", "--batch-size", "32",
-                 "--num-tasks", "fresh", "--lookup-steps", "6000", "--lookup-seq-len", "10",
-                 "--steps", "9000", "--eval-every", "1000"]
-        runs = [dict(model="transformer", width=64, n_layer=2, n_head=4), dict(model="lstm", width=128),
-                dict(model="sgd")]
+        extra = ["--device", "cpu", "--threads", "1", "--preset", "cpu", "--log-every", "50"]
+        runs = [dict(model="transformer"), dict(model="lstm", width=128), dict(model="sgd")]
     else:
         extra = GPU + ["--num-tasks", "fresh", "--lookup-steps", "5000", "--lookup-seq-len", "20"]
         runs = [dict(model="transformer"), dict(model="lstm", width=1024), dict(model="sgd"),
