@@ -2,7 +2,7 @@
 Benchmark: is our meta-training step as fast as plain PyTorch's, and is making tasks cheap?
 
     python bench.py --threads 1                                  # CPU, a small meta-batch
-    python bench.py --device cuda --batch-size 128 --compile     # the paper's one-GPU setting
+    python bench.py --device cuda --batch-size 128 --compile     # the meta-batch of the cpu preset, on a GPU
     python bench.py --image-size 28 --out bench.json             # full-size MNIST tasks, JSON too
 
 Two comparisons, each against a plain-PyTorch reference run in the same process on the same
@@ -31,7 +31,7 @@ one GPU; --dry-run: tiny sizes on the CPU in under a minute, to check the plumbi
 
 It runs four stages, each a subprocess with its own time limit (one slow stage cannot eat the
 others' time; a failed one is recorded and the suite carries on), in this order:
-  bench eager     the comparisons above at the paper's sizes: d_model 256 (train.py's default)
+  bench eager     the comparisons above at the paper's model sizes: d_model 256 (ours)
                   and the authors' 512, 4 layers, 8 heads, meta-batch 128 and 512, 100 examples
                   of 14x14 MNIST; MFU is against --peak-tflops, the bf16 dense peak (989 TFLOP/s
                   on an H100 or H200 SXM)
@@ -305,7 +305,7 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# The GPU suite: the benchmark at the paper's sizes, a timed meta-training run and Table 1
+# The GPU suite: the benchmark at the paper's model sizes, a timed meta-training run and Table 1
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 THRESHOLDS = "0.5,0.65,0.737"  # 0.737: the paper's Transformer on unseen MNIST tasks (Table 1)

@@ -107,7 +107,7 @@ def draw_examples(key, seq_len, n):
 
 
 class RandomImages:
-    """The paper's Random dataset as the authors make it (data.py, RandomDataset): for every task,
+    """The paper's Random dataset, after the authors' (data.py, RandomDataset): for every task,
     10 new images of uniform noise at the target size, one per label. It stands where a dataset's
     inputs x_all (N, N_x) stand; `examples` draws the images of each sequence's own task."""
 
@@ -122,7 +122,9 @@ class RandomImages:
 
     def images(self, task_ids):
         """(B,) -> (B, 10, N_x): uniform(0, 1) pixels, z-normalised with the uniform's own mean
-        1/2 and std 1/sqrt(12) (the authors z-normalise each batch, which comes to the same)."""
+        1/2 and std 1/sqrt(12). The authors z-normalise each batch by its own statistics (close
+        to these), and their images are a fixed 14x14 drawn per batch slot; ours are drawn at
+        the target size per task id (ours: the same task, the same images)."""
         bits = random_bits(hash_key(task_ids, STREAM_RANDOM_IMAGES).to(self.device),
                            NUM_CLASSES * self.n_x)
         u = ((bits >> 40) & 0xFFFFFF).float().add_(0.5).mul_(2.0 ** -24)  # (B, 10 N_x) in (0, 1)
@@ -149,7 +151,7 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     seqs_per_task * s ... seqs_per_task * (s + 1) - 1 share slot s, and so one task.
     bias F: the first round(F * slots) slots of every meta-batch keep the identity label
     permutation, their projections random (the paper's "fixed permutation for a fraction of each
-    batch"; the authors' `permute_labels_prob` = 1 - F, drawn per slot there, exact here).
+    batch"; the authors' `permute_labels_prob` = 1 - F, drawn once per task id there, an exact fraction of every batch's slots here: ours).
     bias_task F: the last round(F * slots) slots use the fixed task 0, projection and labels (the
     authors' other knob, `project_prob` = 1 - F).
     Returns x (B, T, N_x) float, y (B, T) long, task_ids (B,).

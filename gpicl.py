@@ -166,7 +166,8 @@ def nearest_neighbour(x, y):
 
 def gradient_descent(x, y):
     """The sgd learner (models.SGD, its defaults) run on the tokens of x, y -> labels (B, T).
-    Deterministic: every sequence starts from one fixed init (models.GradientLearner)."""
+    Deterministic: every sequence starts from its own init, seeded by its content
+    (models.GradientLearner)."""
     n_in = x.shape[-1] + data.NUM_CLASSES
     model = models.build("sgd", n_in, data.NUM_CLASSES,
                          **models.model_config("sgd", n_in, x.shape[1])).to(x.device)
