@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import struct
 import subprocess
