@@ -126,7 +126,15 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 def get_parser():
     p = Parser(description="Meta-train a general-purpose in-context learner (GPICL).",
                formatter_class=Help)
-    g = p.add_argument_group("tasks")
+    task_flags(p.add_argument_group("tasks"))
+    learner_flags(p.add_argument_group("learner"))
+    meta_training_flags(p.add_argument_group("meta-training"))
+    output_flags(p.add_argument_group("evaluation and output"))
+    system_flags(p.add_argument_group("system"))
+    return p
+
+
+def task_flags(g):
     g.add_argument("--dataset", default="mnist", choices=data.DATASETS,
                    help="base dataset that task augmentation turns into many tasks")
     g.add_argument("--preset", choices=list(PRESETS),
@@ -155,7 +163,9 @@ def get_parser():
                         "(the Random dataset) with short sequences; shortens the plateau (README)")
     g.add_argument("--lookup-seq-len", type=positive_int, default=20,
                    help="sequence length during the lookup steps")
-    g = p.add_argument_group("learner")
+
+
+def learner_flags(g):
     g.add_argument("--model", default="transformer", choices=list(models.MODELS),
                    help="the learner")
     g.add_argument("--width", type=positive_int,
@@ -168,7 +178,9 @@ def get_parser():
     g.add_argument("--state-size", type=positive_int,
                    help="size the learner so that its state is exactly this many floats "
                         "(the Transformer by its key size, the others by their width)")
-    g = p.add_argument_group("meta-training")
+
+
+def meta_training_flags(g):
     g.add_argument("--steps", type=positive_int, help=preset_help("steps", "optimizer steps"))
     g.add_argument("--time-budget", type=duration,
                    help="stop at the first step boundary after this much training wall time "
@@ -193,7 +205,9 @@ def get_parser():
     g.add_argument("--grad-clip", type=nonneg_float, default=0.0,
                    help="clip the gradient norm to this; 0: no clipping (the authors' default)")
     g.add_argument("--seed", type=seed_int, default=0, help="seed of the meta-batches and init")
-    g = p.add_argument_group("evaluation and output")
+
+
+def output_flags(g):
     g.add_argument("--eval-every", type=positive_int,
                    help=preset_help("eval_every", "steps between evaluations"))
     g.add_argument("--eval-tasks", type=positive_int,
@@ -210,13 +224,14 @@ def get_parser():
                    help="steps between checkpoints (default: --eval-every)")
     g.add_argument("--out-dir", default="runs/default", help="where the log, checkpoint and summary go")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
-    g = p.add_argument_group("system")
+
+
+def system_flags(g):
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the learner")
     g.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch (default: torch's choice)")
-    return p
 
 
 # -----------------------------------------------------------------------------
