@@ -67,12 +67,12 @@ from contextlib import nullcontext, suppress
 import torch
 import torch.nn as nn
 
+import configurator
 import data
 import gpicl
 import models
-import train
-from train import (MAX_TASKS, Parser, check_device, check_out_file, duration, nonneg_int, positive_float,
-                   positive_int, typed)
+from configurator import (MAX_TASKS, Parser, check_device, check_out_file, duration, nonneg_int,
+                          positive_float, positive_int, typed)
 
 
 def get_parser():
@@ -474,7 +474,7 @@ def parse_suite(argv):
     args.minutes = args.minutes or (2 if args.dry_run else 8)
     args.train_budget = args.train_budget or (3 if args.dry_run else 270)
     train_argv = ["--device", args.device, *sizes["train"], *argv[cut + 1:]]
-    train_parser = train.get_parser()
+    train_parser = configurator.get_parser()
     train_parser.prog = "train.py (the flags after --)"
     train_flags = train_parser.parse_args(train_argv)
     try:

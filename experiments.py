@@ -42,7 +42,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from train import Parser, check_out_file, positive_int
+from configurator import Parser, check_out_file, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WINDOW, DELTA, CHANCE = 5, 0.1, 0.1

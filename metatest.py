@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import data
 import gpicl
-from train import Parser, check_device, check_out_file, positive_int, seed_int
+from configurator import Parser, check_device, check_out_file, positive_int, seed_int
 
 # -----------------------------------------------------------------------------
 # A meta-trained learner as a classifier for your own table of numbers

@@ -5,24 +5,28 @@ Meta-train a general-purpose in-context learner (paper sections 2 and 4).
     python train.py --model lstm --state-size 1024   # an LSTM whose state (h and c) is 1024 floats
     torchrun --nproc_per_node=8 train.py             # the same run, data parallel on 8 GPUs
 
-Every flag has a default and a help text (`python train.py --help`). A run writes into --out-dir:
-log.jsonl (training loss and evaluations, one JSON object per line), ckpt.pt (model, optimizer,
-RNG states, config and step, replaced atomically) and summary.json. `--resume` continues a run
-exactly where its last checkpoint left it: the meta-batch of step s is a pure function of
-(seed, s), so the losses are the ones an uninterrupted run would have had.
+A preset picks every default: `paper` (the authors' settings) on a GPU, `cpu` (a small run that
+learns in minutes) elsewhere; any flag overrides it (`python train.py --help`, configurator.py).
+A run writes into --out-dir: log.jsonl (training loss and evaluations, one JSON object per
+line), ckpt.pt (model, optimizer, RNG states, config and step, replaced atomically) and
+summary.json. `--resume` continues a run exactly where its last checkpoint left it: the
+meta-batch of step s is a pure function of (seed, s), so the losses are the ones an
+uninterrupted run would have had.
+
+Reading order: configuration and setup (main), the meta-batch (get_batch), the loop
+(meta_train_loop), then the paper's optimizer and the machinery of resuming and stopping safely.
 """
-import argparse
 import datetime
 import fcntl
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,303 +35,179 @@ from tqdm import tqdm
 import data
 import gpicl
 import models
-
-# -----------------------------------------------------------------------------
-# Command line: flags whose values are checked where they are read, with one-line errors
+from configurator import PRESET_SUMMARY, PRESETS, apply_preset, check_device, get_parser
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def typed(kind, test, what):
-    def parse(s):
+def main(argv=None):
+    # `held` keeps the lock on --out-dir (one_run_per_folder) until the run ends
+    with stop_on_signals() as stop, ExitStack() as held:
         try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
-        if not test(v):
-            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
-        return v
-    return parse
+            meta_train(argv, stop, held)
+        except RuntimeError as e:  # a runtime fault, not a bad flag: one line and exit 1
+            if not out_of_memory(e):
+                raise
+            why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
+            print(f"train.py: error: out of memory ({why}); make the learner, --batch-size "
+                  "or --eval-tasks x --eval-seqs smaller", file=sys.stderr)
+            raise SystemExit(1)
 
 
-# ours: counts and sizes stop below 2**31, where torch's C ints (torch.set_num_threads) overflow
-# and sizes fail deep inside torch with a traceback
-positive_int = typed(int, lambda v: 0 < v < 2 ** 31, "a positive integer below 2**31")
-seed_int = typed(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")  # it goes into int64
-nonneg_int = typed(int, lambda v: 0 <= v < 2 ** 31, "a non-negative integer below 2**31")
-positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-nonneg_float = typed(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
-fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-
-
-def duration(s):
-    """'300', '300s', '5m', '1.5h' -> seconds."""
-    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([smh]?)\s*", s, re.IGNORECASE)
-    v = float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2].lower()] if m else 0.0
-    if not 0 < v < math.inf:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a duration like 300, 300s, 5m or 1.5h")
-    return v
-
-
-MAX_TASKS = data.FRESH  # task ids are drawn from 62 random bits (data.random_below)
-
-
-def num_tasks_type(s):
-    """'65536', '2**16', '2^16' -> 65536; 'fresh' -> data.FRESH (a new task for every sequence)."""
-    if s.lower() in ("fresh", "inf", "infinite"):
-        return data.FRESH
-    base, sep, exp = s.replace("^", "**").partition("**")
-    try:
-        n = int(base) ** min(int(exp), 64) if sep else int(s)  # 2**10**9 would take forever
-    except ValueError:
-        n = 0
-    if not 1 <= n <= MAX_TASKS:
-        raise argparse.ArgumentTypeError(
-            f"{s!r} is not a number of tasks; give an integer from 1 to 2**62 like 65536 or "
-            "2**16, or 'fresh' for a new task every sequence")
-    return n
+def meta_train(argv, stop, held):
+    # --- configuration: flags, presets, and the checks between flags (one line each)
+    parser, args, others = configure(argv)
+    env = setup_processes(parser, args)  # one process, or one per GPU under torchrun
+    learner = build_learner(parser, args)
+    # --- the run: its folder, and the checkpoint to continue (checked before any data loads)
+    state = open_run(parser, args, env, learner, held)
+    tasks, sets = load_data(parser, args, others)
+    if env.master:
+        restart_log(args, state.step)
+        announce(args, env, learner, state.step)
+    state.start_clocks()
+    if learner.optimizer is None:  # sgd learns inside each sequence only: nothing to meta-train
+        return finish(args, env, learner, sets, state, out_of_time=False)
+    if args.compile:
+        learner.model = torch.compile(learner.model)
+    if env.ddp:
+        learner.model = torch.nn.parallel.DistributedDataParallel(learner.model)
+    stopping, out_of_time = meta_train_loop(args, env, learner, tasks, sets, state, stop)
+    if stopping and state.step < args.steps:
+        if env.master:
+            print(f"\ninterrupted at step {state.step}; checkpoint saved, continue with --resume")
+        if env.ddp:
+            dist.destroy_process_group()
+        sys.exit(128 + (stop[0] if stop else signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
+    finish(args, env, learner, sets, state, out_of_time)
 
 
 # -----------------------------------------------------------------------------
-# Presets: what `python train.py` runs when no flag says otherwise (an explicit flag always wins)
-#
-# paper: the authors' code defaults (research/data_driven: 14x14 MNIST, 16 task slots x 32
-#   sequences, optax's Adam, 50,000 steps; the Transformer 512 wide, 4 layers, 8 heads of key
-#   size 32), with 2^25 tasks (the top of the paper's sweep) and identity labels on half the
-#   task slots (the paper biases "a fraction" of each batch; 0.5 is ours). Days on a CPU.
-# cpu: ours, a recipe that learns in context on 2 CPU cores in minutes: 7x7 MNIST, fresh tasks,
-#   a 2-layer d_model-64 Transformer, batch 128, the same bias, no eps_root, cosine decay.
-PRESETS = {
-    "paper": dict(image_size=14, num_tasks=2 ** 25, bias=0.5, seqs_per_task=32, batch_size=512,
-                  adam_eps_root=1e-8, schedule="constant", steps=50_000, eval_every=1000,
-                  eval_tasks=32, eval_seqs=128),
-    "cpu": dict(image_size=7, num_tasks=data.FRESH, bias=0.5, seqs_per_task=1, batch_size=128,
-                adam_eps_root=0.0, schedule="cosine", steps=6000, eval_every=1000,
-                eval_tasks=16, eval_seqs=32),
-}
-PRESET_SUMMARY = {"paper": "the authors' settings on 14x14 MNIST, 50,000 steps of 512 sequences",
-                  "cpu": "a small Transformer on 7x7 MNIST that learns in context in minutes"}
-TRANSFORMER_PRESETS = {"paper": dict(width=512, n_layer=4, n_head=8, key_size=32),
-                       "cpu": dict(width=64, n_layer=2, n_head=4, key_size=32)}
+# The meta-batch: sequences of (x, y) pairs from freshly augmented tasks (data.py)
 
-
-def apply_preset(args):
-    """Fill every flag left unset (None) from the preset: paper on a GPU, cpu elsewhere."""
-    if args.preset is None:
-        gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-        args.preset = "paper" if gpu else "cpu"
-    preset = dict(PRESETS[args.preset])
-    if args.model == "transformer":  # the other learners keep their own sizes
-        preset.update(TRANSFORMER_PRESETS[args.preset])
-        if args.state_size is not None:  # the state size picks the key size
-            del preset["key_size"]
-    for k, v in preset.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-
-
-def preset_help(key, text):
-    values = {p: PRESETS[p].get(key, TRANSFORMER_PRESETS[p].get(key)) for p in PRESETS}
-    show = lambda v: "fresh" if v == data.FRESH else v
-    return f"{text} (preset: " + ", ".join(f"{p} {show(v)}" for p, v in values.items()) + ")"
-
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a preset's flags say their values themselves
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def get_parser():
-    p = Parser(description="Meta-train a general-purpose in-context learner (GPICL).",
-               formatter_class=Help)
-    g = p.add_argument_group("tasks")
-    g.add_argument("--dataset", default="mnist", choices=data.DATASETS,
-                   help="base dataset that task augmentation turns into many tasks")
-    g.add_argument("--preset", choices=list(PRESETS),
-                   help="defaults for every flag below marked 'preset' (default: paper on a GPU, "
-                        "cpu elsewhere)")
-    g.add_argument("--image-size", type=positive_int,
-                   help=preset_help("image_size", "images are resized to this square size; "
-                                                  "N_x = image_size^2"))
-    g.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
-    g.add_argument("--num-tasks", type=num_tasks_type,
-                   help=preset_help("num_tasks", "number of tasks: 65536, 2**16, or 'fresh' for "
-                                                 "a new task per sequence"))
-    g.add_argument("--bias", type=fraction,
-                   help=preset_help("bias", "fraction of every meta-batch's task slots that keep "
-                                    "one fixed label permutation (the identity), projections "
-                                    "random (paper 4.3)"))
-    g.add_argument("--bias-task", type=fraction, default=0.0,
-                   help="fraction of every meta-batch's task slots that use the one fixed task 0")
-    g.add_argument("--seqs-per-task", type=positive_int,
-                   help=preset_help("seqs_per_task", "sequences that share one task within a "
-                                                     "meta-batch"))
-    g.add_argument("--channels", type=int, choices=[1, 3], default=1,
-                   help="1: grayscale images; 3: grayscale tiled to RGB (the authors' channel_expand)")
-    g.add_argument("--lookup-steps", type=nonneg_int, default=0,
-                   help="curriculum: meta-train the first steps on pure in-context lookup tasks "
-                        "(the Random dataset) with short sequences; shortens the plateau (README)")
-    g.add_argument("--lookup-seq-len", type=positive_int, default=20,
-                   help="sequence length during the lookup steps")
-    g = p.add_argument_group("learner")
-    g.add_argument("--model", default="transformer", choices=list(models.MODELS),
-                   help="the learner")
-    g.add_argument("--width", type=positive_int,
-                   help=preset_help("width", "model width (other learners: their own default)"))
-    g.add_argument("--n-layer", type=positive_int,
-                   help=preset_help("n_layer", "layers (other learners: their own default)"))
-    g.add_argument("--n-head", type=positive_int, help=preset_help("n_head", "attention heads"))
-    g.add_argument("--key-size", type=positive_int,
-                   help=preset_help("key_size", "per-head key size"))
-    g.add_argument("--state-size", type=positive_int,
-                   help="size the learner so that its state is exactly this many floats "
-                        "(the Transformer by its key size, the others by their width)")
-    g = p.add_argument_group("meta-training")
-    g.add_argument("--steps", type=positive_int, help=preset_help("steps", "optimizer steps"))
-    g.add_argument("--time-budget", type=duration,
-                   help="stop at the first step boundary after this much training wall time "
-                        "(300, 300s, 5m, 1.5h; a resumed run counts from the resume), then "
-                        "evaluate, checkpoint and summarise as at the last step; --resume "
-                        "continues to --steps")
-    g.add_argument("--batch-size", type=positive_int,
-                   help=preset_help("batch_size", "sequences per meta-batch, over all processes "
-                                                  "and accumulation steps"))
-    g.add_argument("--grad-accum", type=positive_int, default=1,
-                   help="split each meta-batch into this many sequential micro-batches")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    g.add_argument("--adam-eps", type=positive_float, default=1e-8,
-                   help="Adam epsilon; smaller shortens loss plateaus (paper 4.3)")
-    g.add_argument("--adam-eps-root", type=nonneg_float,
-                   help=preset_help("adam_eps_root", "Adam epsilon inside the square root, as "
-                                                     "optax's eps_root"))
-    g.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up steps")
-    g.add_argument("--schedule", choices=["constant", "cosine"],
-                   help=preset_help("schedule", "learning rate after warm-up: constant, or "
-                                                "cosine decay to 10%%"))
-    g.add_argument("--grad-clip", type=nonneg_float, default=0.0,
-                   help="clip the gradient norm to this; 0: no clipping (the authors' default)")
-    g.add_argument("--seed", type=seed_int, default=0, help="seed of the meta-batches and init")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=positive_int,
-                   help=preset_help("eval_every", "steps between evaluations"))
-    g.add_argument("--eval-tasks", type=positive_int,
-                   help=preset_help("eval_tasks", "seen and unseen tasks evaluated"))
-    g.add_argument("--eval-seqs", type=positive_int,
-                   help=preset_help("eval_seqs", "sequences per evaluated task"))
-    g.add_argument("--eval-datasets", default="uci_digits,random",
-                   help="comma-separated other datasets to meta-test on (unseen tasks)")
-    g.add_argument("--baselines", default="on", choices=["on", "off"],
-                   help="score 1-NN (every sequence) and SGD (2 sequences per task) on the "
-                        "evaluation sequences, beside the learner")
-    g.add_argument("--log-every", type=positive_int, default=50, help="steps between loss records")
-    g.add_argument("--ckpt-every", type=positive_int,
-                   help="steps between checkpoints (default: --eval-every)")
-    g.add_argument("--out-dir", default="runs/default", help="where the log, checkpoint and summary go")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the learner")
-    g.add_argument("--threads", type=positive_int,
-                   help="CPU threads for torch (default: torch's choice)")
-    return p
+def get_batch(args, tasks, *, step, seq_index):
+    """The sequences seq_index of step `step`'s meta-batch. A pure function of (seed, step,
+    seq_index): every process draws its own slice of the same meta-batch, and a resumed run
+    draws exactly what an uninterrupted one would have. The first --lookup-steps draw from the
+    lookup curriculum (random images, short sequences), the rest from the real tasks."""
+    warm = step < args.lookup_steps
+    x, y, _ = data.sample_sequences(
+        *(tasks["lookup"] if warm else tasks["train"]), args.seed, step, seq_index,
+        args.lookup_seq_len if warm else args.seq_len, args.num_tasks, args.bias,
+        args.batch_size, args.seqs_per_task, args.bias_task)
+    return x, y  # (B, T, N_x), (B, T)
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written to a temporary file, then renamed over the old one in one step
+# The meta-training loop
 
-def plain(value):
-    """value with everything but tensors, numbers, strings, None, lists and dicts turned into a
-    string: what torch.load(weights_only=True) reads back (gpicl.load_checkpoint). A config
-    holding, say, a Path still saves, and a checkpoint never needs trusting to be loaded."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return value
-    return str(value)
-
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    """Replace a file in one step, so a kill never leaves it half-written."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-@contextmanager
-def one_run_per_folder(parser, out_dir):
-    """Hold an exclusive lock on out_dir/lock while the run lives: a second train.py on the same
-    --out-dir is refused instead of interleaving its log and checkpoints with the first. The OS
-    drops a flock when its process ends, however it ends (SIGKILL, a crash), so a killed run
-    never leaves its folder locked; the file itself stays, and means nothing unlocked."""
-    f = open(os.path.join(out_dir, "lock"), "a+")
+def meta_train_loop(args, env, learner, tasks, sets, state, stop):
+    """Minimise the meta-loss (gpicl.meta_loss) with Adam until --steps, a Ctrl-C or SIGTERM
+    (`stop`), or the --time-budget; -> (stopping, out_of_time)."""
+    model, optimizer = learner.model, learner.optimizer
+    bar = tqdm(total=args.steps, initial=state.step, disable=not env.master, dynamic_ncols=True)
+    stopping = out_of_time = False
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        parser.error(f"--out-dir {out_dir} is in use by a running train.py (pid {holder}); "
-                     "wait for it or stop it, or choose another --out-dir")
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
+        while state.step < args.steps and not stopping and not out_of_time:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, args)
+            for m in range(args.grad_accum):  # micro-batches, their gradients summed
+                first = (m * env.world + env.rank) * env.micro  # its place in the meta-batch
+                seq_index = torch.arange(first, first + env.micro, device=args.device)
+                x, y = get_batch(args, tasks, step=state.step, seq_index=seq_index)
+                # DDP averages gradients over processes inside backward(); no_sync skips that
+                # for all but the last micro-batch, so it happens once per step
+                last_micro = m == args.grad_accum - 1
+                with (model.no_sync() if env.ddp and not last_micro else nullcontext()), env.ctx:
+                    loss = gpicl.meta_loss(model, x, y) / args.grad_accum
+                loss.backward()
+                state.add_loss(loss.detach())  # stays on the device: no host sync here
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            state.step += 1
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            step = state.step  # under DDP, a stop or the budget is agreed on at loss records
+            stopping, out_of_time = bool(stop) and not env.ddp, state.spent(args) and not env.ddp
+            # the host waits for the device only at steps that write something: read the
+            # first non-finite loss there, before anything of this step is written
+            if (step % args.log_every == 0 or step % args.eval_every == 0 or stopping or out_of_time
+                    or step % args.ckpt_every == 0 or step == args.steps):
+                stop_if_not_finite(args, env, state, bar)
+            if step % args.log_every == 0 or step == args.steps or out_of_time:
+                stopping, out_of_time = log_loss(args, env, state, stop, bar, stopping, out_of_time)
+            last = step == args.steps or (out_of_time and not stopping)
+            if env.master and (step % args.eval_every == 0 or last):  # rank 0 evaluates alone
+                evaluate(args, env, learner, sets, state)
+            if step % args.ckpt_every == 0 or last or stopping:
+                if env.ddp:  # the average over ranks, so that a resumed run logs the same loss
+                    dist.all_reduce(state.running, op=dist.ReduceOp.AVG)
+                if env.master:
+                    state.elapsed = time.time() - state.t0
+                    save(args, learner, state)
     finally:
-        f.close()  # releases the lock: an in-process caller may run again in this folder
+        bar.close()
+    return stopping, out_of_time
 
 
-def check_device(parser, device):
-    """One line, not a traceback, for a device name torch does not know or cannot use here."""
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, ValueError) as e:
-        parser.error(f"--device {device}: {(str(e).splitlines() or ['unusable'])[0]}")
+def log_loss(args, env, state, stop, bar, stopping, out_of_time):
+    """A loss record: the mean loss since the last one. Under torchrun the ranks also agree here
+    on a stop (any rank's Ctrl-C) and on the time budget (rank 0's clock), in the all-reduce
+    the record needs anyway. -> (stopping, out_of_time)"""
+    if env.ddp:
+        dist.all_reduce(state.running, op=dist.ReduceOp.AVG)
+        asked = torch.tensor([float(bool(stop)), float(env.master and state.spent(args))],
+                             device=args.device)
+        dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        stopping, out_of_time = (asked > 0).tolist()
+    mean_loss = state.running.item() / (state.step - state.last_logged)
+    state.running.zero_()
+    state.last_logged = state.step
+    state.elapsed = time.time() - state.t0
+    if env.master:
+        log(args, dict(step=state.step, loss=mean_loss, lr=lr_at(state.step - 1, args),
+                       time=state.elapsed))
+        unseen = ({} if state.results is None else
+                  {"unseen@last": f"{state.results[f'unseen {args.dataset}']['last']:.3f}"})
+        bar.set_postfix(loss=f"{mean_loss:.3f}", **unseen)
+    return stopping, out_of_time
 
 
-def check_out_file(parser, flag, path, make_folder=False):
-    """One line, before any work, for a file that cannot be written: no name, a NUL in it, a
-    folder, in a folder that does not exist (make_folder: that cannot be made), read-only."""
-    if not path or "\0" in path:
-        parser.error(f"{flag} {path!r} is not a file name")
-    if os.path.isdir(path):
-        parser.error(f"{flag} {path} is a folder, not a file")
-    folder = os.path.dirname(os.path.abspath(path))
-    if make_folder:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            parser.error(f"{flag} {path}: cannot make its folder ({e.strerror})")
-    existed = os.path.exists(path)
-    try:
-        open(path, "a").close()  # append: nothing in it is lost
-    except OSError as e:  # no such folder, read-only, a name too long...
-        parser.error(f"{flag} {path}: {e.strerror}")
-    if not existed:
-        os.remove(path)
+def evaluate(args, env, learner, sets, state):
+    """Meta-test the learner on seen and unseen tasks (gpicl.evaluate) and log it. Only rank 0
+    evaluates; the others wait for it in the next all-reduce."""
+    state.results = gpicl.evaluate(learner.raw, sets, args.seq_len, ctx=env.ctx,
+                                   baselines=args.baselines == "on")
+    log(args, dict(step=state.step, time=time.time() - state.t0, eval=state.results,
+                   regime=gpicl.regime(state.results, args.dataset)))
 
 
-# What defines the meta-batches of a run: a resumed run must keep them, or it continues another
-RUN_KEYS = ("preset", "dataset", "image_size", "channels", "seq_len", "num_tasks", "bias", "bias_task",
-            "seqs_per_task", "lookup_steps", "lookup_seq_len", "batch_size", "seed")
-CHECKPOINT_FORMAT = 2  # 2: fixed-permutation bias, task slots, optax's Adam, key size
+def finish(args, env, learner, sets, state, out_of_time):
+    """The last evaluation (unless the loop just made it), a checkpoint for a learner with
+    nothing to train (sgd), and summary.json."""
+    if env.master:
+        if state.results is None:
+            evaluate(args, env, learner, sets, state)
+        if not os.path.exists(ckpt_path(args)):
+            save(args, learner, state)
+        stopped_by = "time_budget" if out_of_time and state.step < args.steps else "steps"
+        results = state.results
+        summary = dict(step=state.step, stopped_by=stopped_by,
+                       train_time_s=round(state.elapsed, 1), model=args.model,
+                       model_config=learner.cfg, parameters=models.num_params(learner.raw),
+                       state_size=learner.raw.state_size(args.seq_len),
+                       regime=gpicl.regime(results, args.dataset), results=gpicl.compact(results))
+        write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
+        print(gpicl.format_results(results))
+        print(f"regime: {summary['regime']} | {state.step} steps in {state.elapsed / 60:.1f} min")
+        if stopped_by == "time_budget":
+            print(f"stopped on the time budget ({args.time_budget:g} s) at step {state.step} of "
+                  f"{args.steps}; --resume continues to --steps")
+    if env.ddp:
+        dist.destroy_process_group()
 
+
+# -----------------------------------------------------------------------------
+# The optimizer: the authors' Adam (its eps_root is part of the lesson, paper 4.3)
 
 class Adam(torch.optim.Optimizer):
     """Adam as optax's, the authors' optimizer (optimizers/optax_opts.py, eps_root 1e-8):
@@ -359,9 +239,6 @@ class Adam(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
 
-NO_STEP = 2 ** 62  # "no step yet" for a step kept on the device
-
-
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -369,6 +246,310 @@ def lr_at(step, args):
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
     return args.lr
+
+
+# -----------------------------------------------------------------------------
+# Setup: the flags, the processes, the learner, the run's folder and the data
+
+def configure(argv):
+    """-> (parser, args, other datasets to meta-test on), every flag checked against the others."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    apply_preset(args)
+    args.ckpt_every = args.ckpt_every or args.eval_every
+    others = [d for d in args.eval_datasets.split(",") if d]
+    for d in others:
+        if d not in data.DATASETS or d == args.dataset:
+            parser.error(f"--eval-datasets: {d!r} is not one of {', '.join(data.DATASETS)} "
+                         f"other than {args.dataset}")
+    if args.lookup_steps and args.lookup_seq_len > args.seq_len:
+        parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than --seq-len {args.seq_len}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return parser, args, others
+
+
+@dataclass
+class Env:
+    """Where this process runs: its rank among `world` processes, its micro-batch size, and the
+    precision context of forward passes."""
+    ddp: bool
+    rank: int
+    world: int
+    micro: int
+    ctx: object
+
+    @property
+    def master(self):  # rank 0 logs, evaluates and checkpoints for all
+        return self.rank == 0
+
+
+def setup_processes(parser, args):
+    """One process, or one per GPU under torchrun (as nanoGPT: RANK set means DDP)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available() else
+                       "mps" if torch.backends.mps.is_available() else "cpu")
+    if ddp:
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+        # only rank 0 evaluates while the others wait in the next all-reduce: a long evaluation
+        # (VSML, MAML, large --eval-*) must not trip the default 10-minute collective timeout
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    check_device(parser, args.device)
+    device_type = torch.device(args.device).type
+    micro = args.batch_size // (world * args.grad_accum)
+    if micro * world * args.grad_accum != args.batch_size:
+        parser.error(f"--batch-size {args.batch_size} does not split into {world} processes x "
+                     f"{args.grad_accum} accumulation steps; "
+                     f"make it a multiple of {world * args.grad_accum}")
+    if args.batch_size % args.seqs_per_task:
+        parser.error(f"--seqs-per-task {args.seqs_per_task} does not divide --batch-size "
+                     f"{args.batch_size}")
+    if device_type == "cuda":  # TF32 matmuls and bf16 autocast: the fast path on recent GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    return Env(ddp, rank, world, micro, ctx)
+
+
+@dataclass
+class Learner:
+    model: torch.nn.Module  # what the loop calls: compiled and/or DDP-wrapped
+    raw: torch.nn.Module  # the plain module: evaluated and checkpointed
+    optimizer: object  # None for a learner with no parameters (sgd)
+    config: dict  # what models.build needs to rebuild it (kept in the checkpoint)
+    cfg: dict  # its sizes
+
+
+def build_learner(parser, args):
+    n_x = args.channels * args.image_size ** 2
+    try:
+        cfg = models.model_config(args.model, n_x + data.NUM_CLASSES, args.seq_len, args.width,
+                                  args.n_layer, args.n_head, args.state_size,
+                                  key_size=args.key_size)
+    except ValueError as e:
+        parser.error(f"--model {args.model}: {e}")
+    config = dict(kind=args.model, n_in=n_x + data.NUM_CLASSES, n_out=data.NUM_CLASSES, cfg=cfg)
+    torch.manual_seed(args.seed)
+    model = models.build(args.model, n_x + data.NUM_CLASSES, data.NUM_CLASSES, **cfg).to(args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = Adam(params, args.lr, eps=args.adam_eps, eps_root=args.adam_eps_root) \
+        if params else None
+    if optimizer is None:  # sgd learns inside each sequence only: nothing to meta-train
+        args.steps = 0
+    return Learner(model, model, optimizer, config, cfg)
+
+
+def load_data(parser, args, others):
+    """The base dataset's train split for meta-training (and the random images of the lookup
+    curriculum), test splits for meta-testing. Loaded after every check of the flags and of the
+    run to resume: a bad one costs no wait."""
+    try:
+        base = data.load_dataset(args.dataset, args.image_size, args.device, channels=args.channels)
+        other_sets = {d: data.load_dataset(d, args.image_size, args.device, channels=args.channels)
+                      for d in others}
+    except (OSError, RuntimeError, ValueError) as e:
+        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    tasks = dict(train=base["train"], lookup=None)
+    if args.lookup_steps:
+        tasks["lookup"] = data.load_dataset("random", args.image_size, args.device,
+                                            channels=args.channels)["train"]
+    sets = gpicl.eval_sets((args.dataset, base), other_sets, args.num_tasks,
+                           args.eval_tasks, args.eval_seqs, args.device)
+    return tasks, sets
+
+
+def announce(args, env, learner, step):
+    other = next(p for p in PRESETS if p != args.preset)
+    print(f"preset {args.preset}: {PRESET_SUMMARY[args.preset]} (--preset {other} for the other; "
+          "any flag overrides)")
+    print(f"learner {args.model} {learner.cfg} | parameters {models.num_params(learner.raw):,} | "
+          f"state size {learner.raw.state_size(args.seq_len):,} floats")
+    if not args.steps:
+        print(f"{args.model} has no meta-parameters to train: evaluating it as it is")
+    print(f"device {args.device} | {env.world} process(es) x {args.grad_accum} accumulation steps x "
+          f"{env.micro} sequences = meta-batch {args.batch_size} | num_tasks "
+          f"{'fresh' if args.num_tasks == data.FRESH else args.num_tasks} | N_x "
+          f"{args.channels * args.image_size ** 2} | steps {step} -> {args.steps}")
+
+
+# -----------------------------------------------------------------------------
+# Resuming: what a run keeps between steps, the checkpoint that holds it, and the log
+
+NO_STEP = 2 ** 62  # "no step yet" for a step kept on the device
+# What defines the meta-batches of a run: a resumed run must keep them, or it continues another
+RUN_KEYS = ("preset", "dataset", "image_size", "channels", "seq_len", "num_tasks", "bias", "bias_task",
+            "seqs_per_task", "lookup_steps", "lookup_seq_len", "batch_size", "seed")
+CHECKPOINT_FORMAT = 2  # 2: fixed-permutation bias, task slots, optax's Adam, key size
+
+
+@dataclass
+class State:
+    """What the loop changes from step to step; a checkpoint keeps what a resumed run needs."""
+    running: torch.Tensor  # loss summed since last_logged, kept on the device
+    first_bad: torch.Tensor  # the first step whose loss was not finite, NO_STEP while none
+    step: int = 0
+    elapsed: float = 0.0  # training wall time, over all resumes
+    last_logged: int = 0  # the step of the last loss record
+    saved: int = None  # the step of the checkpoint on disk, None while there is none
+    results: dict = None  # the last evaluation
+    t0: float = 0.0  # time.time() when the run would have started without breaks
+    started: float = 0.0  # time.time() when this process started training: the --time-budget
+
+    def start_clocks(self):
+        self.t0 = time.time() - self.elapsed
+        self.started = time.time()  # the --time-budget counts from here, in a resumed run too
+
+    def spent(self, args):
+        return args.time_budget is not None and time.time() - self.started >= args.time_budget
+
+    def add_loss(self, loss):
+        """Both on the device, so that a step never waits for it (reading a number from the
+        GPU every step would stall the host on the device every step)."""
+        self.running += loss
+        self.first_bad.clamp_(max=torch.where(torch.isfinite(loss), NO_STEP, self.step + 1))
+
+
+def open_run(parser, args, env, learner, held):
+    """Make and lock --out-dir; continue the run it holds (--resume) or refuse to overwrite it."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if env.master:  # one run per folder; under torchrun rank 0 holds it for all
+            held.enter_context(one_run_per_folder(parser, args.out_dir))
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        parser.error(f"--out-dir {args.out_dir}: {getattr(e, 'strerror', None) or e}")
+    state = State(running=torch.tensor(0.0, device=args.device),
+                  first_bad=torch.tensor(NO_STEP, device=args.device))
+    if os.path.exists(ckpt_path(args)):
+        if not args.resume:
+            parser.error(f"{args.out_dir} already holds a run; pass --resume to continue it, "
+                         "or choose another --out-dir")
+        resume(parser, args, learner, state)
+    return state
+
+
+def resume(parser, args, learner, state):
+    """Load the checkpoint into the learner, its optimizer, torch's RNG and `state`, after
+    checking that it is a run (not weights only) of this learner on these meta-batches."""
+    path = ckpt_path(args)
+    try:
+        ckpt = gpicl.load_checkpoint(path, args.device)  # weights_only: no code runs
+    except ValueError as e:
+        parser.error(f"--resume: {e}")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        parser.error(f"--resume: {path} was written by an older gpicl (before the "
+                     "fixed-permutation bias and optax's Adam); start a new --out-dir")
+    if ckpt["model_config"] != plain(learner.config):
+        parser.error(f"--resume: the checkpoint in {args.out_dir} holds a different learner "
+                     f"({ckpt['model_config']}); use the flags it was trained with")
+    changed = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in RUN_KEYS
+               if ckpt["config"].get(k) != getattr(args, k)]
+    if changed:
+        parser.error(f"--resume: the run in {args.out_dir} was trained with {', '.join(changed)}; "
+                     "resume it with the same flags")
+    optimizer = learner.optimizer
+    if (optimizer is not None and ckpt.get("optimizer") is None) or "rng" not in ckpt:
+        parser.error(f"--resume: {path} holds the learner's weights only, not a run to "
+                     "continue; evaluate it with metatest.py, or meta-train in a new --out-dir")
+    learner.raw.load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the flags win over the saved values
+            group["eps"], group["eps_root"] = args.adam_eps, args.adam_eps_root
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
+    state.step = state.saved = ckpt["step"]
+    state.elapsed, state.last_logged = ckpt["elapsed"], ckpt["last_logged"]
+    state.running = torch.tensor(ckpt["running_loss"], device=args.device)
+
+
+def ckpt_path(args):
+    return os.path.join(args.out_dir, "ckpt.pt")
+
+
+def save(args, learner, state):
+    """Checkpoint the run at state.step (rank 0 only: the ranks' weights are the same)."""
+    state.saved = state.step
+    save_checkpoint(ckpt_path(args), dict(
+        model=learner.raw.state_dict(), step=state.step,
+        running_loss=state.running.item(), last_logged=state.last_logged,  # the loss not yet logged
+        optimizer=learner.optimizer.state_dict() if learner.optimizer is not None else None,
+        elapsed=state.elapsed, config=plain(vars(args)), model_config=plain(learner.config),
+        format=CHECKPOINT_FORMAT,
+        rng=dict(torch=torch.get_rng_state())))
+
+
+def plain(value):
+    """value with everything but tensors, numbers, strings, None, lists and dicts turned into a
+    string: what torch.load(weights_only=True) reads back (gpicl.load_checkpoint). A config
+    holding, say, a Path still saves, and a checkpoint never needs trusting to be loaded."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    return str(value)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename it over the old checkpoint: a rename is one step,
+    so a kill or a full disk mid-write leaves the last good checkpoint, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    """Replace a file in one step, so a kill never leaves it half-written."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def log(args, record):
+    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def restart_log(args, step):
+    """The log keeps exactly the records up to the checkpoint being continued (none for a new
+    run): a resumed run then appends what an uninterrupted one would have written."""
+    path, kept = os.path.join(args.out_dir, "log.jsonl"), []
+    if args.resume and os.path.exists(path):  # a line cut by a kill has no newline
+        kept = [l for l in open(path) if l.endswith("\n") and json.loads(l)["step"] <= step]
+    write_text(path, "".join(kept))
+
+
+# -----------------------------------------------------------------------------
+# Stopping safely: at the first non-finite loss, on Ctrl-C or SIGTERM, one run per folder
+
+def stop_if_not_finite(args, env, state, bar):
+    """A non-finite loss (NaN or inf) ends the run at its step: Adam has already put NaN into
+    the weights, and a checkpoint of them would replace the last good one. The first bad step
+    waits on the device (State.add_loss) and is read here, where the loop syncs anyway, before
+    any loss record, evaluation or checkpoint of a step: none is ever written after a NaN."""
+    if env.ddp:  # one rank's NaN reaches every rank's weights through the averaged gradient
+        dist.all_reduce(state.first_bad, op=dist.ReduceOp.MIN)
+    bad = int(state.first_bad.item())
+    if bad == NO_STEP:
+        return
+    bar.close()  # the message on a line of its own
+    if env.master:
+        kept = (f"the checkpoint in {args.out_dir} is of step {state.saved}, before it; --resume "
+                "it with a smaller --lr or --grad-clip" if state.saved is not None else
+                "no checkpoint was written")
+        print(f"train.py: error: the loss is not finite (NaN or inf) at step {bad}; stopped: "
+              f"{kept}", file=sys.stderr)
+    if env.ddp:
+        dist.destroy_process_group()
+    raise SystemExit(1)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; kill, a job scheduler, torchrun's agent
@@ -402,306 +583,35 @@ def stop_on_signals():
                 signal.signal(s, handler)
 
 
+@contextmanager
+def one_run_per_folder(parser, out_dir):
+    """Hold an exclusive lock on out_dir/lock while the run lives: a second train.py on the same
+    --out-dir is refused instead of interleaving its log and checkpoints with the first. The OS
+    drops a flock when its process ends, however it ends (SIGKILL, a crash), so a killed run
+    never leaves its folder locked; the file itself stays, and means nothing unlocked."""
+    f = open(os.path.join(out_dir, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        parser.error(f"--out-dir {out_dir} is in use by a running train.py (pid {holder}); "
+                     "wait for it or stop it, or choose another --out-dir")
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock: an in-process caller may run again in this folder
+
+
 def out_of_memory(e):
     """Whether an exception is an allocation that failed: on CUDA an OutOfMemoryError, on the CPU
     a RuntimeError from torch's allocator."""
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
-
-
-def main(argv=None):
-    # `held` keeps the lock on --out-dir (one_run_per_folder) until the run ends
-    with stop_on_signals() as stop, ExitStack() as held:
-        try:
-            meta_train(argv, stop, held)
-        except RuntimeError as e:  # a runtime fault, not a bad flag: one line and exit 1
-            if not out_of_memory(e):
-                raise
-            why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
-            print(f"train.py: error: out of memory ({why}); make the learner, --batch-size "
-                  "or --eval-tasks x --eval-seqs smaller", file=sys.stderr)
-            raise SystemExit(1)
-
-
-def meta_train(argv, stop, held):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    apply_preset(args)
-    args.ckpt_every = args.ckpt_every or args.eval_every
-    others = [d for d in args.eval_datasets.split(",") if d]
-    for d in others:
-        if d not in data.DATASETS or d == args.dataset:
-            parser.error(f"--eval-datasets: {d!r} is not one of {', '.join(data.DATASETS)} "
-                         f"other than {args.dataset}")
-    if args.lookup_steps and args.lookup_seq_len > args.seq_len:
-        parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than --seq-len {args.seq_len}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    # --- processes and device: one process, or one per GPU under torchrun (nanoGPT style)
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if args.device == "auto":
-        args.device = ("cuda" if torch.cuda.is_available() else
-                       "mps" if torch.backends.mps.is_available() else "cpu")
-    if ddp:
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-        # only rank 0 evaluates while the others wait in the next all-reduce: a long evaluation
-        # (VSML, MAML, large --eval-*) must not trip the default 10-minute collective timeout
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    master = rank == 0
-    check_device(parser, args.device)
-    device_type = torch.device(args.device).type
-    micro = args.batch_size // (world * args.grad_accum)
-    if micro * world * args.grad_accum != args.batch_size:
-        parser.error(f"--batch-size {args.batch_size} does not split into {world} processes x "
-                     f"{args.grad_accum} accumulation steps; "
-                     f"make it a multiple of {world * args.grad_accum}")
-    if args.batch_size % args.seqs_per_task:
-        parser.error(f"--seqs-per-task {args.seqs_per_task} does not divide --batch-size "
-                     f"{args.batch_size}")
-    if device_type == "cuda":  # TF32 matmuls and bf16 autocast: the fast path on recent GPUs
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-
-    # --- the learner
-    n_x = args.channels * args.image_size ** 2
-    try:
-        cfg = models.model_config(args.model, n_x + data.NUM_CLASSES, args.seq_len, args.width,
-                                  args.n_layer, args.n_head, args.state_size,
-                                  key_size=args.key_size)
-    except ValueError as e:
-        parser.error(f"--model {args.model}: {e}")
-    model_config = dict(kind=args.model, n_in=n_x + data.NUM_CLASSES, n_out=data.NUM_CLASSES, cfg=cfg)
-    torch.manual_seed(args.seed)
-    model = models.build(args.model, n_x + data.NUM_CLASSES, data.NUM_CLASSES, **cfg).to(args.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = Adam(params, args.lr, eps=args.adam_eps, eps_root=args.adam_eps_root) \
-        if params else None
-    if optimizer is None:  # sgd learns inside each sequence only: nothing to meta-train
-        args.steps = 0
-
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        if master:  # one run per folder; under torchrun rank 0 holds it for all
-            held.enter_context(one_run_per_folder(parser, args.out_dir))
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        parser.error(f"--out-dir {args.out_dir}: {getattr(e, 'strerror', None) or e}")
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    step, elapsed, running_loss, last_logged = 0, 0.0, 0.0, 0
-    if os.path.exists(ckpt_path) and not args.resume:
-        parser.error(f"{args.out_dir} already holds a run; pass --resume to continue it, "
-                     "or choose another --out-dir")
-    if args.resume and os.path.exists(ckpt_path):
-        try:
-            ckpt = gpicl.load_checkpoint(ckpt_path, args.device)
-        except ValueError as e:
-            parser.error(f"--resume: {e}")
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            parser.error(f"--resume: {ckpt_path} was written by an older gpicl (before the "
-                         "fixed-permutation bias and optax's Adam); start a new --out-dir")
-        if ckpt["model_config"] != plain(model_config):
-            parser.error(f"--resume: the checkpoint in {args.out_dir} holds a different learner "
-                         f"({ckpt['model_config']}); use the flags it was trained with")
-        changed = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in RUN_KEYS
-                   if ckpt["config"].get(k) != getattr(args, k)]
-        if changed:
-            parser.error(f"--resume: the run in {args.out_dir} was trained with {', '.join(changed)}; "
-                         "resume it with the same flags")
-        if (optimizer is not None and ckpt.get("optimizer") is None) or "rng" not in ckpt:
-            parser.error(f"--resume: {ckpt_path} holds the learner's weights only, not a run to "
-                         "continue; evaluate it with metatest.py, or meta-train in a new --out-dir")
-        model.load_state_dict(ckpt["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for group in optimizer.param_groups:  # the flags win over the saved values
-                group["eps"], group["eps_root"] = args.adam_eps, args.adam_eps_root
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        running_loss, last_logged = ckpt["running_loss"], ckpt["last_logged"]
-    # --- data: the base dataset's train split for meta-training, test splits for meta-testing
-    # (loaded after every check of the flags and of the run to resume: a bad one costs no wait)
-    try:
-        base = data.load_dataset(args.dataset, args.image_size, args.device, channels=args.channels)
-        other_sets = {d: data.load_dataset(d, args.image_size, args.device, channels=args.channels)
-                      for d in others}
-    except (OSError, RuntimeError, ValueError) as e:
-        parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    x_train, y_train = base["train"]
-    lookup = None
-    if args.lookup_steps:
-        lookup = data.load_dataset("random", args.image_size, args.device,
-                                   channels=args.channels)["train"]
-
-    if master:  # the log keeps exactly the records up to the checkpoint being continued
-        kept = []
-        if args.resume and os.path.exists(log_path):  # a line cut by a kill has no newline
-            kept = [l for l in open(log_path) if l.endswith("\n") and json.loads(l)["step"] <= step]
-        write_text(log_path, "".join(kept))
-
-    if master:
-        other = next(p for p in PRESETS if p != args.preset)
-        print(f"preset {args.preset}: {PRESET_SUMMARY[args.preset]} (--preset {other} for the other; "
-              "any flag overrides)")
-        print(f"learner {args.model} {cfg} | parameters {models.num_params(model):,} | "
-              f"state size {model.state_size(args.seq_len):,} floats")
-        if not args.steps:
-            print(f"{args.model} has no meta-parameters to train: evaluating it as it is")
-        print(f"device {args.device} | {world} process(es) x {args.grad_accum} accumulation steps x "
-              f"{micro} sequences = meta-batch {args.batch_size} | num_tasks "
-              f"{'fresh' if args.num_tasks == data.FRESH else args.num_tasks} | N_x {n_x} | "
-              f"steps {step} -> {args.steps}")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp and args.steps:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-
-    sets = gpicl.eval_sets((args.dataset, base), other_sets, args.num_tasks,
-                           args.eval_tasks, args.eval_seqs, args.device)
-
-    def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    saved = step if args.resume and os.path.exists(ckpt_path) else None  # the checkpoint's step
-
-    def checkpoint():
-        nonlocal saved
-        saved = step
-        save_checkpoint(ckpt_path, dict(
-            model=raw_model.state_dict(), step=step,
-            running_loss=running.item(), last_logged=last_logged,  # the loss not yet logged
-            optimizer=optimizer.state_dict() if optimizer is not None else None,
-            elapsed=elapsed, config=plain(vars(args)), model_config=plain(model_config),
-            format=CHECKPOINT_FORMAT,
-            rng=dict(torch=torch.get_rng_state())))
-
-    def run_eval():
-        results = gpicl.evaluate(raw_model, sets, args.seq_len, ctx=ctx,
-                                 baselines=args.baselines == "on")
-        log(dict(step=step, time=time.time() - t0, eval=results,
-                 regime=gpicl.regime(results, args.dataset)))
-        return results
-
-    # --- meta-training (a Ctrl-C is in `stop`; under torchrun every rank gets one, and they
-    # agree on it at the next loss record's all-reduce, where rank 0 also says whether the
-    # --time-budget is spent: that run ends as at its last step)
-    results, stopping, out_of_time = None, False, False
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    running = torch.tensor(running_loss, device=args.device)  # loss summed since last_logged
-    # A non-finite loss (NaN or inf) ends the run at its step: Adam has already put NaN into the
-    # weights, and a checkpoint of them would replace the last good one. Reading the loss every
-    # step would make the host wait for the device every step, so the first bad step stays on
-    # the device (NO_STEP while there is none) and is read where the loop waits anyway, before
-    # any loss record, evaluation or checkpoint of a step: none is ever written after a NaN.
-    first_bad = torch.tensor(NO_STEP, device=args.device)
-
-    def stop_if_not_finite():
-        if ddp:  # one rank's NaN reaches every rank's weights through the averaged gradient
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        bad = int(first_bad.item())
-        if bad == NO_STEP:
-            return
-        bar.close()  # the message on a line of its own
-        if master:
-            kept = (f"the checkpoint in {args.out_dir} is of step {saved}, before it; --resume it "
-                    "with a smaller --lr or --grad-clip" if saved is not None else "no checkpoint "
-                    "was written")
-            print(f"train.py: error: the loss is not finite (NaN or inf) at step {bad}; stopped: "
-                  f"{kept}", file=sys.stderr)
-        if ddp:
-            dist.destroy_process_group()
-        raise SystemExit(1)
-
-    t0 = time.time() - elapsed
-    started = time.time()  # the --time-budget counts from here, in a resumed run too
-    spent = lambda: args.time_budget is not None and time.time() - started >= args.time_budget
-    try:
-        while step < args.steps and not stopping and not out_of_time:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            for m in range(args.grad_accum):
-                first = (m * world + rank) * micro  # this micro-batch's place in the meta-batch
-                seq_index = torch.arange(first, first + micro, device=args.device)
-                warm = step < args.lookup_steps  # the lookup curriculum, then the real tasks
-                x, y, _ = data.sample_sequences(*(lookup if warm else (x_train, y_train)), args.seed,
-                                                step, seq_index,
-                                                args.lookup_seq_len if warm else args.seq_len,
-                                                args.num_tasks, args.bias, args.batch_size,
-                                                args.seqs_per_task, args.bias_task)
-                sync = m == args.grad_accum - 1
-                with (model.no_sync() if ddp and not sync else nullcontext()), ctx:
-                    loss = gpicl.meta_loss(model, x, y) / args.grad_accum
-                loss.backward()
-                running += loss.detach()
-                first_bad.clamp_(max=torch.where(torch.isfinite(loss.detach()), NO_STEP, step + 1))
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            step += 1
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(1)
-            stopping, out_of_time = bool(stop) and not ddp, spent() and not ddp
-            if (step % args.log_every == 0 or step % args.eval_every == 0 or stopping or out_of_time
-                    or step % args.ckpt_every == 0 or step == args.steps):  # the host syncs below
-                stop_if_not_finite()
-            if step % args.log_every == 0 or step == args.steps or out_of_time:  # a loss record
-                if ddp:
-                    dist.all_reduce(running, op=dist.ReduceOp.AVG)
-                    asked = torch.tensor([float(bool(stop)), float(master and spent())],
-                                         device=args.device)
-                    dist.all_reduce(asked, op=dist.ReduceOp.MAX)
-                    stopping, out_of_time = (asked > 0).tolist()
-                mean_loss = running.item() / (step - last_logged)
-                running.zero_()
-                last_logged = step
-                elapsed = time.time() - t0
-                if master:
-                    log(dict(step=step, loss=mean_loss, lr=lr_at(step - 1, args), time=elapsed))
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", **({} if results is None else
-                                    {"unseen@last": f"{results[f'unseen {args.dataset}']['last']:.3f}"}))
-            last = step == args.steps or (out_of_time and not stopping)
-            if master and (step % args.eval_every == 0 or last):
-                results = run_eval()
-            if step % args.ckpt_every == 0 or last or stopping:
-                if ddp:  # the average over ranks, so that a resumed run logs the same loss
-                    dist.all_reduce(running, op=dist.ReduceOp.AVG)
-                if master:
-                    elapsed = time.time() - t0
-                    checkpoint()
-    finally:
-        bar.close()
-    if stopping and step < args.steps:
-        if master:
-            print(f"\ninterrupted at step {step}; checkpoint saved, continue with --resume")
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(128 + (stop[0] if stop else signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
-
-    if master:
-        results = results or run_eval()
-        if not os.path.exists(ckpt_path):  # a learner with nothing to train (sgd) still gets one
-            checkpoint()
-        stopped_by = "time_budget" if out_of_time and step < args.steps else "steps"
-        summary = dict(step=step, stopped_by=stopped_by, train_time_s=round(elapsed, 1),
-                       model=args.model, model_config=cfg,
-                       parameters=models.num_params(raw_model),
-                       state_size=raw_model.state_size(args.seq_len),
-                       regime=gpicl.regime(results, args.dataset),
-                       results=gpicl.compact(results))
-        write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
-        print(gpicl.format_results(results))
-        print(f"regime: {summary['regime']} | {step} steps in {elapsed / 60:.1f} min")
-        if stopped_by == "time_budget":
-            print(f"stopped on the time budget ({args.time_budget:g} s) at step {step} of "
-                  f"{args.steps}; --resume continues to --steps")
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
