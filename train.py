@@ -1,7 +1,7 @@
 """
 Meta-train a general-purpose in-context learner (paper sections 2 and 4).
 
-    python train.py                                  # Transformer, the paper's one-GPU setting
+    python train.py                                  # a preset: paper on a GPU, cpu elsewhere
     python train.py --model lstm --state-size 1024   # an LSTM whose state (h and c) is 1024 floats
     torchrun --nproc_per_node=8 train.py             # the same run, data parallel on 8 GPUs
 
