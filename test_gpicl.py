@@ -650,6 +650,14 @@ def test_resume_from_weights_only_is_one_line(tmp_path):
     p = run_train([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
     assert p.returncode == 2 and "weights only" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+    # a run made before the fixed-permutation bias and optax's Adam (no "format", format-1 keys)
+    old = {k: v for k, v in ckpt.items() if k != "format"}
+    old["config"] = {k: v for k, v in ckpt["config"].items()
+                     if k not in ("bias_task", "seqs_per_task", "channels", "preset")}
+    torch.save(old, out / "ckpt.pt")
+    p = run_train([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
+    assert p.returncode == 2 and "older gpicl" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
