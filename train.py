@@ -37,6 +37,7 @@ import models
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
+        message = message.replace("\n", "\\n")  # a newline in a flag's value: still one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
