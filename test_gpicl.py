@@ -1217,6 +1217,24 @@ def test_fuzz_every_flag_of_every_command_one_line_never_a_traceback(tmp_path, m
     print(f"{cases} cases")
 
 
+@pytest.mark.parametrize("prog", ["train", "bench"])
+def test_out_of_memory_is_one_line_and_exit_1(prog, tmp_path, monkeypatch, capsys):
+    import bench
+
+    def allocate(*a, **k):  # what torch's CPU allocator raises for a learner too large to build
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 2199023255552 bytes.")
+    monkeypatch.setattr(models, "build", allocate)
+    main, argv = ((train.main, [*TINY, "--out-dir", str(tmp_path / "r")]) if prog == "train"
+                  else (bench.main, BENCH_TINY))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{prog}.py: error: out of memory (can't allocate memory: you tried "
+                          "to allocate 2199023255552 bytes.)")
+
+
 # -----------------------------------------------------------------------------
 # Reproducing the findings (experiments.py): the sweep runner, the plateau rule, the figures
 

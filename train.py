@@ -60,6 +60,11 @@ seed_int = typed(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")  # it 
 nonneg_int = typed(int, lambda v: 0 <= v < 2 ** 31, "a non-negative integer below 2**31")
 positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+# ours: beyond these, a size overflows inside torch (N_x = image_size^2 is one side of a matrix),
+# a learner takes hours to build, or libgomp aborts the process (threads)
+image_size_int = typed(int, lambda v: 0 < v <= 1024, "an image size from 1 to 1024")
+layer_count = typed(int, lambda v: 0 < v <= 1024, "a number of layers from 1 to 1024")
+thread_count = typed(int, lambda v: 0 < v <= 256, "a number of threads from 1 to 256")
 
 
 MAX_TASKS = 2 ** 62  # task ids are drawn from 62 random bits (data.random_below)
@@ -87,7 +92,7 @@ def get_parser():
     g = p.add_argument_group("tasks")
     g.add_argument("--dataset", default="mnist", choices=data.DATASETS,
                    help="base dataset that task augmentation turns into many tasks")
-    g.add_argument("--image-size", type=positive_int, default=14,
+    g.add_argument("--image-size", type=image_size_int, default=14,
                    help="images are resized to this square size; N_x = image_size^2")
     g.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
     g.add_argument("--num-tasks", type=num_tasks_type, default=2 ** 25,
@@ -103,7 +108,7 @@ def get_parser():
     g.add_argument("--model", default="transformer", choices=list(models.MODELS),
                    help="the learner")
     g.add_argument("--width", type=positive_int, help="model width (default: the learner's own)")
-    g.add_argument("--n-layer", type=positive_int, help="layers (default: the learner's own)")
+    g.add_argument("--n-layer", type=layer_count, help="layers (default: the learner's own)")
     g.add_argument("--n-head", type=positive_int, help="attention heads (Transformer)")
     g.add_argument("--state-size", type=positive_int,
                    help="pick the width so that the learner's state is exactly this many floats")
@@ -136,7 +141,7 @@ def get_parser():
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the learner and task generation")
-    g.add_argument("--threads", type=positive_int,
+    g.add_argument("--threads", type=thread_count,
                    help="CPU threads for torch (default: torch's choice)")
     return p
 
@@ -276,24 +281,25 @@ def stop_on_signals():
                 signal.signal(s, handler)
 
 
-def out_of_memory(e):
-    """Whether an exception is an allocation that failed: on CUDA an OutOfMemoryError, on the CPU
-    a RuntimeError from torch's allocator."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+@contextmanager
+def out_of_memory_in_one_line(prog, smaller):
+    """An allocation that fails (CUDA's OutOfMemoryError, or a RuntimeError from torch's CPU
+    allocator) is a fault at run time, not a bad flag: one line and exit 1, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
+        print(f"{prog}: error: out of memory ({why}); make {smaller} smaller", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def main(argv=None):
     # `held` keeps the lock on --out-dir (one_run_per_folder) until the run ends
-    with stop_on_signals() as stop, ExitStack() as held:
-        try:
-            meta_train(argv, stop, held)
-        except RuntimeError as e:  # a runtime fault, not a bad flag: one line and exit 1
-            if not out_of_memory(e):
-                raise
-            why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
-            print(f"train.py: error: out of memory ({why}); make the learner, --batch-size "
-                  "or --eval-tasks x --eval-seqs smaller", file=sys.stderr)
-            raise SystemExit(1)
+    with stop_on_signals() as stop, ExitStack() as held, \
+            out_of_memory_in_one_line("train.py", "the learner, --batch-size or --eval-*"):
+        meta_train(argv, stop, held)
 
 
 def meta_train(argv, stop, held):
