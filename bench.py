@@ -71,8 +71,10 @@ import configurator
 import data
 import gpicl
 import models
-from configurator import (MAX_TASKS, Parser, check_device, check_out_file, duration, nonneg_int,
-                          positive_float, positive_int, typed)
+from configurator import (MAX_TASKS, Parser, check_device, check_out_file, duration,
+                          image_size_int, layer_count, nonneg_int, positive_float, positive_int,
+                          thread_count, typed)
+from train import out_of_memory_in_one_line
 
 
 def get_parser():
@@ -81,10 +83,10 @@ def get_parser():
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), or a torch device")
     p.add_argument("--batch-size", type=positive_int,
                    help="sequences per step (default: 128 on cuda, 16 on cpu)")
-    p.add_argument("--image-size", type=positive_int, default=14, help="N_x = image_size^2")
+    p.add_argument("--image-size", type=image_size_int, default=14, help="N_x = image_size^2")
     p.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
     p.add_argument("--width", type=positive_int, default=256, help="d_model")
-    p.add_argument("--n-layer", type=positive_int, default=4, help="layers")
+    p.add_argument("--n-layer", type=layer_count, default=4, help="layers")
     p.add_argument("--n-head", type=positive_int, default=8, help="attention heads")
     p.add_argument("--num-tasks", default=2 ** 25,
                    type=typed(int, lambda v: 0 < v <= MAX_TASKS, "a number of tasks in [1, 2**62]"),
@@ -96,7 +98,7 @@ def get_parser():
                    help="torch.compile both models")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="the device's peak for MFU (H100 SXM bf16 dense: 989)")
-    p.add_argument("--threads", type=positive_int,
+    p.add_argument("--threads", type=thread_count,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="also write the results here as JSON")
     return p
@@ -164,6 +166,11 @@ def mnist_train(image_size, device):
 
 
 def main(argv=None):
+    with out_of_memory_in_one_line("bench.py", "the learner or --batch-size"):
+        return bench(argv)
+
+
+def bench(argv):
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.threads:

@@ -21,6 +21,7 @@ import models
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
+        message = message.replace("\n", "\\n")  # a newline in a flag's value: still one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -44,6 +45,18 @@ nonneg_int = typed(int, lambda v: 0 <= v < 2 ** 31, "a non-negative integer belo
 positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonneg_float = typed(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
 fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+# ours: beyond these, a size overflows inside torch (N_x = image_size^2 is one side of a matrix),
+# a learner takes hours to build, or libgomp aborts the process (threads)
+image_size_int = typed(int, lambda v: 0 < v <= 1024, "an image size from 1 to 1024")
+layer_count = typed(int, lambda v: 0 < v <= 1024, "a number of layers from 1 to 1024")
+thread_count = typed(int, lambda v: 0 < v <= 256, "a number of threads from 1 to 256")
+
+
+def channel_count(s):
+    """'1' or '3', written so (int() would also take other scripts' digits)."""
+    if s not in ("1", "3"):
+        raise argparse.ArgumentTypeError(f"{s!r} is not 1 or 3")
+    return int(s)
 
 
 def duration(s):
@@ -140,7 +153,7 @@ def task_flags(g):
     g.add_argument("--preset", choices=list(PRESETS),
                    help="defaults for every flag below marked 'preset' (default: paper on a GPU, "
                         "cpu elsewhere)")
-    g.add_argument("--image-size", type=positive_int,
+    g.add_argument("--image-size", type=image_size_int,
                    help=preset_help("image_size", "images are resized to this square size; "
                                                   "N_x = image_size^2"))
     g.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
@@ -156,7 +169,7 @@ def task_flags(g):
     g.add_argument("--seqs-per-task", type=positive_int,
                    help=preset_help("seqs_per_task", "sequences that share one task within a "
                                                      "meta-batch"))
-    g.add_argument("--channels", type=int, choices=[1, 3], default=1,
+    g.add_argument("--channels", type=channel_count, default=1,
                    help="1: grayscale images; 3: grayscale tiled to RGB (the authors' channel_expand)")
     g.add_argument("--lookup-steps", type=nonneg_int, default=0,
                    help="curriculum: meta-train the first steps on pure in-context lookup tasks "
@@ -170,7 +183,7 @@ def learner_flags(g):
                    help="the learner")
     g.add_argument("--width", type=positive_int,
                    help=preset_help("width", "model width (other learners: their own default)"))
-    g.add_argument("--n-layer", type=positive_int,
+    g.add_argument("--n-layer", type=layer_count,
                    help=preset_help("n_layer", "layers (other learners: their own default)"))
     g.add_argument("--n-head", type=positive_int, help=preset_help("n_head", "attention heads"))
     g.add_argument("--key-size", type=positive_int,
@@ -230,7 +243,7 @@ def system_flags(g):
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the learner")
-    g.add_argument("--threads", type=positive_int,
+    g.add_argument("--threads", type=thread_count,
                    help="CPU threads for torch (default: torch's choice)")
 
 

@@ -475,6 +475,7 @@ def available(name, cache_dir=None):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump (as train.py's)
+        message = message.replace("\n", "\\n")  # a newline in a flag's value: still one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 import data
 import gpicl
-from configurator import Parser, check_device, check_out_file, positive_int, seed_int
+from configurator import (Parser, check_device, check_out_file, positive_int, seed_int,
+                          thread_count)
+from train import out_of_memory_in_one_line
 
 # -----------------------------------------------------------------------------
 # A meta-trained learner as a classifier for your own table of numbers
@@ -339,7 +341,7 @@ def run_csv(args):
 def get_parser():
     p = Parser(prog="metatest.py", description="Meta-test trained in-context learners.")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("csv", help="classify the rows of a CSV from a labelled CSV")
     c.add_argument("--ckpt", required=True)
@@ -366,6 +368,11 @@ def get_parser():
 
 
 def main(argv=None):
+    with out_of_memory_in_one_line("metatest.py", "--members, --splits, --tasks or --seqs"):
+        meta_test(argv)
+
+
+def meta_test(argv):
     p = get_parser()
     args = p.parse_args(argv)
     if args.threads:

@@ -21,10 +21,12 @@ import shutil
 import signal
 import struct
 import subprocess
+import string
 import sys
 import tarfile
 import threading
 import time
+import traceback
 import zlib
 
 import numpy as np
@@ -822,7 +824,7 @@ class MakesAFile:
         return (open, (self.path, "w"))
 
 
-def test_checkpoints_that_would_run_code_or_are_cut_are_refused_in_one_line(tmp_path, capsys):
+def test_safe_load_refuses_checkpoints_that_would_run_code_or_are_cut_short(tmp_path, capsys):
     out, marker = tmp_path / "r", tmp_path / "pickle_ran"
     args = [*TINY, "--steps", "1", "--out-dir", str(out)]
     train.main(args)
@@ -877,7 +879,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint_before_it(tmp_path, m
     assert all(s <= 4 for s, _ in losses(tmp_path / "nan"))       # no record of a NaN loss
 
 
-def test_a_live_run_holds_its_folder_and_a_killed_one_does_not(tmp_path, capsys):
+def test_out_dir_lock_refuses_a_second_run_while_the_first_lives_not_after_a_kill(tmp_path, capsys):
     out = tmp_path / "r"
     args = [*TINY, "--eval-every", "100000", "--ckpt-every", "5", "--out-dir", str(out)]
     proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *args, "--steps", "100000"],
@@ -1570,6 +1572,184 @@ def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
     expect = 100 * (gpicl.learner_predict(model, x, y)[:, -1] == y[:, -1]).float().mean().item()
     assert sgd_row["learner"] == "sgd"
     assert abs(sgd_row["accuracy_pct"]["Random"]["acc"] - expect) < 0.01, (expect, sgd_row)
+
+
+# -----------------------------------------------------------------------------
+# Every command line, fuzzed: a bad value for any flag is refused in one line, exit 2 (1 for a
+# fault at run time), never a traceback, and before any expensive work starts
+
+class ReachedWork(Exception):
+    """Raised where a command's expensive work would start: its command line was accepted."""
+
+
+def reach_work(*args, **kwargs):
+    raise ReachedWork
+
+
+NUMBERS = ["-1", "0", "-0", "1.5", "nan", "inf", "-inf", "1e400", "1e308", "-1e-320", "", " ", "abc",
+           "0x10", "2**70", "1_0", "\0", "\u0663", str(2 ** 31), str(2 ** 63), str(10 ** 40)]
+TEXTS = ["", " ", "\0", "-1", "nan", "x" * 1000, "\u00e9", "cuda:99", "../..", "/"]
+PATH_KINDS = {"ckpt": "in", "ckpts": "in", "train": "in", "test": "in", "out": "out",
+              "out_dir": "dir", "data_dir": "dir"}  # flags (by dest) that name files: which kind
+
+
+def bad_paths(tmp_path, rng):
+    """Paths no flag of their kind may take: files to read, files to write, folders to write in."""
+    d = tmp_path / "paths"
+    d.mkdir()
+    (d / "a_folder").mkdir()
+    (d / "a_file").write_text("x\n")
+    (d / "empty").write_bytes(b"")
+    (d / "garbage").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (d / "cut.pt").write_bytes(open(tiny_checkpoint(d / "tiny.pt", width=8, n_layer=1, n_head=2),
+                                    "rb").read()[:3000])
+    torch.save({"model": MakesAFile(str(tmp_path / "pickle_ran"))}, d / "evil.pt")
+    (d / "locked").write_bytes(b"x")
+    os.chmod(d / "locked", 0)                           # unreadable, unless the tests run as root
+    unusable = ["", "\0", "a\0b", str(d / "a_file" / "x"), str(d / ("x" * 300))]
+    return {"in": unusable + [str(d / n) for n in ("missing", "a_folder", "empty", "garbage",
+                                                   "cut.pt", "evil.pt", "locked")] + ["/dev/null"],
+            "out": unusable + [str(d / "a_folder")], "dir": unusable + [str(d / "a_file")]}
+
+
+def fuzz_values(action, rng, paths):
+    """[(value, refused by definition)] for one flag or positional: fixed bad values and seeded
+    random ones. A value is refused by definition when the flag's own type or choices refuse it,
+    or when it names a path the flag cannot use; others (--lr 1e308) may run, never crash."""
+    if action.dest in PATH_KINDS:
+        return [(p, True) for p in paths[PATH_KINDS[action.dest]]]
+    chars = list(string.printable + "\u00e9\u00df\u221e\u200b")
+    randoms = [str(-int(rng.integers(1, 10))),                          # negative
+               str(int(rng.choice([-1, 1])) * 2 ** int(rng.integers(31, 130))),  # beyond any size
+               f"{rng.normal():.3f}e{int(rng.integers(-400, 400))}",    # tiny, huge, or inf
+               "".join(rng.choice(chars, int(rng.integers(0, 12))))]    # garbage
+    values = (NUMBERS if action.type else TEXTS) + randoms
+
+    def refused(v):
+        if action.choices is not None:
+            return v not in action.choices
+        try:
+            action.type and action.type(v)
+            return False
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            return True
+    return [(v, refused(v)) for v in values]
+
+
+def fuzz_targets(tmp_path):
+    """[(name, main, the parser whose flags are fuzzed, flags at the 'start' or 'end' of argv, a
+    valid argv, {positional: its index in it}, the expensive work to stub)]"""
+    import bench
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", width=8, n_layer=1, n_head=2)
+    X, y = blobs(["a", "b"], 10, d=3)
+    rows = [[*map(str, x), lab] for x, lab in zip(X, y)]
+    context = write_csv(tmp_path / "context.csv", ["f1", "f2", "f3", "label"], rows[:12])
+    queries = write_csv(tmp_path / "queries.csv", ["f1", "f2", "f3", "label"], rows[12:])
+    csv_argv = ["csv", "--ckpt", ckpt, "--train", context, "--test", queries, "--label", "label",
+                "--out", str(tmp_path / "preds.csv"), "--members", "1"]
+    mt = metatest.get_parser()
+    sub = next(a for a in mt._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return [
+        ("train.py", train.main, configurator.get_parser(), "end",
+         [*TINY, "--steps", "1", "--out-dir", str(tmp_path / "run")], {}, [(data, "load_dataset")]),
+        ("bench.py", bench.main, bench.get_parser(), "end",
+         [*BENCH_TINY, "--out", str(tmp_path / "bench.json")], {}, [(data, "load_dataset")]),
+        ("metatest.py", metatest.main, mt, "start", csv_argv, {"command": 0}, []),
+        ("metatest.py csv", metatest.main, sub["csv"], "end", csv_argv, {}, []),  # cheap: runs
+        ("metatest.py uci", metatest.main, sub["uci"], "end",
+         ["uci", "--ckpt", ckpt, "--splits", "1", "--members", "1", "--context", "5", "--queries", "5"],
+         {}, [(metatest, "compare_on_uci_digits")]),
+        ("metatest.py table1", metatest.main, sub["table1"], "end",
+         ["table1", ckpt, "--tasks", "1", "--seqs", "1", "--out-dir", str(tmp_path / "t1")],
+         {"ckpts": 1}, [(metatest, "table1")]),
+        ("experiments.py", experiments.main, experiments.get_parser(), "end",
+         ["transitions", "--out", str(tmp_path / "exp.jsonl")], {"name": 0}, [(experiments, "run_all")]),
+        ("data.py", data.main, data.get_parser(), "end",
+         ["fetch", "svhn", "--data-dir", str(tmp_path / "cache")], {"command": 0, "names": 1},
+         [(data, "fetch")]),                                              # the network
+    ]
+
+
+class TookTooLong(BaseException):  # not an Exception: no `except Exception` swallows it
+    pass
+
+
+def run_case(main, argv, capsys, seconds=20):
+    """main(argv) in this process -> (its exit status, "work", "done", a traceback, or that it
+    hangs: say a count refused nowhere, so a loop runs for ever; its stderr)."""
+    def too_long(signum, frame):
+        raise TookTooLong
+    threads, old = torch.get_num_threads(), signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(seconds)
+    try:
+        main(argv)
+        outcome = "done"
+    except ReachedWork:
+        outcome = "work"
+    except SystemExit as e:
+        outcome = e.code
+    except TookTooLong:
+        outcome = f"still running after {seconds} s"
+    except Exception:
+        outcome = traceback.format_exc()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        torch.set_num_threads(threads)                                    # --threads sets it
+    return outcome, capsys.readouterr().err
+
+
+def test_fuzz_every_flag_of_every_command_one_line_never_a_traceback(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    paths, targets = bad_paths(tmp_path, rng), fuzz_targets(tmp_path)
+    for module, name in [stub for t in targets for stub in t[-1]]:
+        monkeypatch.setattr(module, name, reach_work)
+    cases, problems = 0, []
+    for name, main, parser, where, base, positions, _ in targets:
+        outcome, err = run_case(main, base, capsys)
+        assert outcome in ("work", "done"), (name, base, outcome, err)   # the valid line is accepted
+        for action in parser._actions:  # every flag it has, today's and tomorrow's
+            if action.nargs == 0:                                         # --help, --resume, ...
+                continue
+            assert action.option_strings or action.dest in positions, f"fuzz {name}'s {action.dest}"
+            for value, refuse in fuzz_values(action, rng, paths):
+                if action.option_strings:
+                    flag = f"{action.option_strings[-1]}={value}"
+                    argv = [flag, *base] if where == "start" else [*base, flag]
+                else:
+                    argv = [value if i == positions[action.dest] else a for i, a in enumerate(base)]
+                outcome, err = run_case(main, argv, capsys)
+                cases += 1
+                lines = err.strip().splitlines()
+                if outcome in ("work", "done"):
+                    ok = not refuse
+                else:
+                    ok = outcome in (1, 2) and len(lines) == 1 and "Traceback" not in err
+                if not ok:
+                    problems.append(f"{name} {action.dest}={value[:40]!r}: "
+                                    f"{str(outcome).strip()[-300:]} | stderr {err[-300:]!r}")
+    assert not problems, f"{len(problems)} of {cases} cases:\n" + "\n".join(problems[:40])
+    assert not (tmp_path / "pickle_ran").exists()                      # no checkpoint ran code
+    assert cases > 1000
+    print(f"{cases} cases")
+
+
+@pytest.mark.parametrize("prog", ["train", "bench"])
+def test_out_of_memory_is_one_line_and_exit_1(prog, tmp_path, monkeypatch, capsys):
+    import bench
+
+    def allocate(*a, **k):  # what torch's CPU allocator raises for a learner too large to build
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 2199023255552 bytes.")
+    monkeypatch.setattr(models, "build", allocate)
+    main, argv = ((train.main, [*TINY, "--out-dir", str(tmp_path / "r")]) if prog == "train"
+                  else (bench.main, BENCH_TINY))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{prog}.py: error: out of memory (can't allocate memory: you tried "
+                          "to allocate 2199023255552 bytes.)")
 
 
 # -----------------------------------------------------------------------------

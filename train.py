@@ -40,16 +40,9 @@ from configurator import PRESET_SUMMARY, PRESETS, apply_preset, check_device, ge
 
 def main(argv=None):
     # `held` keeps the lock on --out-dir (one_run_per_folder) until the run ends
-    with stop_on_signals() as stop, ExitStack() as held:
-        try:
-            meta_train(argv, stop, held)
-        except RuntimeError as e:  # a runtime fault, not a bad flag: one line and exit 1
-            if not out_of_memory(e):
-                raise
-            why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
-            print(f"train.py: error: out of memory ({why}); make the learner, --batch-size "
-                  "or --eval-tasks x --eval-seqs smaller", file=sys.stderr)
-            raise SystemExit(1)
+    with stop_on_signals() as stop, ExitStack() as held, \
+            out_of_memory_in_one_line("train.py", "the learner, --batch-size or --eval-*"):
+        meta_train(argv, stop, held)
 
 
 def meta_train(argv, stop, held):
@@ -608,10 +601,18 @@ def one_run_per_folder(parser, out_dir):
         f.close()  # releases the lock: an in-process caller may run again in this folder
 
 
-def out_of_memory(e):
-    """Whether an exception is an allocation that failed: on CUDA an OutOfMemoryError, on the CPU
-    a RuntimeError from torch's allocator."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+@contextmanager
+def out_of_memory_in_one_line(prog, smaller):
+    """An allocation that fails (CUDA's OutOfMemoryError, or a RuntimeError from torch's CPU
+    allocator) is a fault at run time, not a bad flag: one line and exit 1, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
+        print(f"{prog}: error: out of memory ({why}); make {smaller} smaller", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
