@@ -2,7 +2,7 @@
 Benchmark: is our meta-training step as fast as plain PyTorch's, and is making tasks cheap?
 
     python bench.py --threads 1                                  # CPU, a small meta-batch
-    python bench.py --device cuda --batch-size 128 --compile     # the meta-batch of the cpu preset, on a GPU
+    python bench.py --device cuda --batch-size 128 --compile     # the cpu preset's batch, on a GPU
     python bench.py --image-size 28 --out bench.json             # full-size MNIST tasks, JSON too
 
 Two comparisons, each against a plain-PyTorch reference run in the same process on the same
@@ -36,8 +36,8 @@ others' time; a failed one is recorded and the suite carries on), in this order:
                   of 14x14 MNIST; MFU is against --peak-tflops, the bf16 dense peak (989 TFLOP/s
                   on an H100 or H200 SXM)
   train           train.py with its defaults (on a GPU the paper preset: d_model 512, 16 x 32
-                  sequences) under --time-budget (--train-budget, 4.5 minutes, shortened if the bench took
-                  long), evaluating every 500 steps; from log.jsonl's wall times: the seconds of
+                  sequences) under --time-budget (--train-budget, 4.5 minutes, shortened if the
+                  bench took long), evaluating every 500 steps; from log.jsonl's wall times: the seconds of
                   training until unseen-task MNIST accuracy at the last example first reaches
                   0.5, 0.65 and 0.737 (the paper's Table 1), None where it does not
   table1          metatest.py table1 on that checkpoint: MNIST, UCI digits and Random, which

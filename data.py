@@ -151,7 +151,8 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     seqs_per_task * s ... seqs_per_task * (s + 1) - 1 share slot s, and so one task.
     bias F: the first round(F * slots) slots of every meta-batch keep the identity label
     permutation, their projections random (the paper's "fixed permutation for a fraction of each
-    batch"; the authors' `permute_labels_prob` = 1 - F, drawn once per task id there, an exact fraction of every batch's slots here: ours).
+    batch"; the authors' `permute_labels_prob` = 1 - F, drawn once per task id there, an exact
+    fraction of every batch's slots here: ours).
     bias_task F: the last round(F * slots) slots use the fixed task 0, projection and labels (the
     authors' other knob, `project_prob` = 1 - F).
     Returns x (B, T, N_x) float, y (B, T) long, task_ids (B,).

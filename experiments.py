@@ -19,7 +19,8 @@ min per sweep. The base task at this scale is mostly the paper's Random dataset 
 per task, 5x5 after resizing, random projection + label permutation per task, sequences of 10):
 pure in-context lookup, the one problem whose loss plateau a 2-layer Transformer escapes in a
 few thousand CPU steps (on MNIST with fresh tasks it sits at chance for > 6,000 steps). Its
-"other dataset" for meta-testing is MNIST at 5x5. `gpu`: the authors' code defaults where known, ours elsewhere (MNIST 14x14,
+"other dataset" for meta-testing is MNIST at 5x5. `gpu`: the authors' code defaults where
+known, ours elsewhere (MNIST 14x14,
 sequences of 100, meta-batch 128, 50k steps, Transformer d256 x 4 layers unless swept); run it
 with --jobs 1 on one GPU. Expected times in each docstring are ESTIMATES (one H100, ~10-20 ms
 per step at d256/B128/T100 with bf16), not measured: no GPU was available when this was written.
@@ -120,7 +121,8 @@ def plateaus(scale):
     a fraction of each batch. This completely eliminates the loss plateau" (memorisation first,
     then generalisation). One base run (batch 128, optax's eps_root 1e-8, identity labels on half
     the task slots: PLATEAU_BASE), varied one factor at a time: the bias F, eps_root 0 (torch's
-    Adam's update), the batch size. cpu: bias 0/0.25/0.9 and eps_root 0 on MNIST 7x7 with fresh tasks, sequences of 100,
+    Adam's update), the batch size. cpu: bias 0/0.25/0.9 and eps_root 0 on MNIST 7x7 with fresh
+    tasks, sequences of 100,
     the CPU preset's Transformer (d64 x 2 layers, 4 heads of 16), at most 2,500 steps, stopped
     300 steps after both the plateau and the generalisation onset (5 runs, ~40 min on 2 quiet
     cores; no batch sizes at this scale, for time). gpu: MNIST 14x14 fresh tasks, d256 x 4,
