@@ -37,8 +37,8 @@ others' time; a failed one is recorded and the suite carries on), in this order:
                   on an H100 or H200 SXM)
   train           train.py with its defaults (on a GPU the paper preset: d_model 512, 16 x 32
                   sequences) under --time-budget (--train-budget, 4.5 minutes, shortened if the
-                  bench took long), evaluating every 500 steps; from log.jsonl's wall times: the seconds of
-                  training until unseen-task MNIST accuracy at the last example first reaches
+                  bench took long), evaluating every 500 steps; from log.jsonl's wall times: the
+                  seconds of training until unseen-task MNIST accuracy at the last example first reaches
                   0.5, 0.65 and 0.737 (the paper's Table 1), None where it does not
   table1          metatest.py table1 on that checkpoint: MNIST, UCI digits and Random, which
                   ship with the code (the other columns say "missing" unless fetched)
