@@ -21,8 +21,9 @@ pure in-context lookup, the one problem whose loss plateau a 2-layer Transformer
 few thousand CPU steps (on MNIST with fresh tasks it sits at chance for > 6,000 steps). Its
 "other dataset" for meta-testing is MNIST at 5x5. `gpu`: the authors' code defaults where
 known, ours elsewhere (MNIST 14x14, sequences of 100, meta-batch 128, 50k steps, Transformer
-d256 x 4 layers unless swept); run it with --jobs 1 on one GPU. Expected times in each docstring are ESTIMATES (one H100, ~10-20 ms
-per step at d256/B128/T100 with bf16), not measured: no GPU was available when this was written.
+d256 x 4 layers unless swept); run it with --jobs 1 on one GPU. Expected times in each
+docstring are ESTIMATES (one H100, ~10-20 ms per step at d256/B128/T100 with bf16), not
+measured: no GPU was available when this was written.
 
 The plateau rule (used for every plateau number and in tests): smooth the logged training
 loss with a trailing mean over WINDOW=5 records (100 steps at --log-every 20); the plateau
