@@ -168,8 +168,15 @@ def log_loss(args, env, state, stop, bar, stopping, out_of_time):
 def evaluate(args, env, learner, sets, state):
     """Meta-test the learner on seen and unseen tasks (gpicl.evaluate) and log it. Only rank 0
     evaluates; the others wait for it in the next all-reduce."""
-    state.results = gpicl.evaluate(learner.raw, sets, args.seq_len, ctx=env.ctx,
-                                   baselines=args.baselines == "on")
+    # The baselines read only the evaluation sequences, which are the same at every evaluation:
+    # score them once per process and attach the same summaries to every later evaluation.
+    first = args.baselines == "on" and state.baselines is None
+    state.results = gpicl.evaluate(learner.raw, sets, args.seq_len, ctx=env.ctx, baselines=first)
+    if first:
+        state.baselines = {name: r["baselines"] for name, r in state.results.items()}
+    elif args.baselines == "on":
+        for name, r in state.results.items():
+            r["baselines"] = state.baselines[name]
     log(args, dict(step=state.step, time=time.time() - state.t0, eval=state.results,
                    regime=gpicl.regime(state.results, args.dataset)))
 
@@ -390,6 +397,7 @@ class State:
     last_logged: int = 0  # the step of the last loss record
     saved: int = None  # the step of the checkpoint on disk, None while there is none
     results: dict = None  # the last evaluation
+    baselines: dict = None  # {set: {baseline: summary}}, scored at this process's first evaluation
     t0: float = 0.0  # time.time() when the run would have started without breaks
     started: float = 0.0  # time.time() when this process started training: the --time-budget
 
