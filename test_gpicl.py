@@ -647,7 +647,7 @@ def losses(out):
 def test_resume_from_weights_only_is_one_line(tmp_path):
     out = tmp_path / "r"
     assert run_train([*TINY, "--steps", "1", "--out-dir", str(out)]).returncode == 0
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, out / "ckpt.pt")
     p = run_train([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
     assert p.returncode == 2 and "weights only" in p.stderr, p.stderr
@@ -676,11 +676,11 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, log_every):
     ckpt = os.path.join(cut, "ckpt.pt")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(ckpt) and
-                                          torch.load(ckpt, weights_only=False)["step"] >= 10):
+                                          torch.load(ckpt, weights_only=True)["step"] >= 10):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    stopped = torch.load(ckpt, weights_only=False)["step"]
+    stopped = torch.load(ckpt, weights_only=True)["step"]
     assert 10 <= stopped < 60
     p = run_train([*args, "--out-dir", cut, "--resume"])
     assert p.returncode == 0, p.stderr
@@ -706,7 +706,7 @@ def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
     finally:
         proc.kill()                                                      # never left running
     assert proc.returncode == 130 and "--resume" in stdout
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] >= 50
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] >= 50
 
 
 @pytest.mark.slow
@@ -726,7 +726,7 @@ def test_ctrl_c_or_sigterm_inside_a_step_finishes_it_and_resumes_exactly(tmp_pat
     with pytest.raises(SystemExit) as stopped:
         train.main([*args, "--out-dir", cut])
     assert stopped.value.code == 128 + sig                      # 130 for Ctrl-C, 143 for SIGTERM
-    assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=False)["step"] == 3
+    assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=True)["step"] == 3
     monkeypatch.undo()
     train.main([*args, "--out-dir", cut, "--resume"])
     assert losses(cut) == losses(whole)                       # step 3 counted once, whole
@@ -777,7 +777,7 @@ def test_time_budget_ends_the_run_as_its_last_step_would_and_resume_continues(tm
     assert summary["stopped_by"] == "time_budget" and 0 < n < 1000000
     assert 2.0 <= summary["train_time_s"] < 10
     assert f"stopped on the time budget (2 s) at step {n} of 1000000" in p.stdout
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == n and ckpt["last_logged"] == n
     records = [json.loads(l) for l in open(out / "log.jsonl")]
     assert [r["step"] for r in records] == [n, n] and "loss" in records[0]
@@ -1152,7 +1152,7 @@ def test_ctrl_c_or_sigterm_under_torchrun_stops_every_rank_at_one_step(tmp_path,
     finally:
         proc.kill()
     assert output.count("interrupted at step") == 1, output[-3000:]
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] % 10 == 0 and ckpt["last_logged"] == ckpt["step"] and ckpt["step"] >= 10
     p = subprocess.run([*run, "--steps", str(ckpt["step"] + 10), "--out-dir", str(out), "--resume"],
                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
@@ -1176,7 +1176,7 @@ def test_time_budget_under_torchrun_stops_every_rank_at_one_step(tmp_path):
     summary = json.load(open(out / "summary.json"))
     n = summary["step"]
     assert summary["stopped_by"] == "time_budget" and n % 10 == 0 and 10 <= n < 100000
-    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == n
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == n
     records = [json.loads(l) for l in open(out / "log.jsonl")]
     assert records[-1]["step"] == n and "eval" in records[-1]
     assert [r["step"] for r in records if "loss" in r] == list(range(10, n + 1, 10))
