@@ -41,7 +41,7 @@ FRESH = 2 ** 62  # num_tasks for "a new task every sequence": ids drawn from 62 
 # hash_key, random_bits and random_normal (section 4) turn integers into random numbers: the same
 # (task id, stream) gives the same numbers every time, on any device.
 
-STREAM_PROJECTION, STREAM_PERMUTATION, STREAM_SEQUENCE = 1, 2, 3
+STREAM_PROJECTION, STREAM_PERMUTATION, STREAM_SEQUENCE, STREAM_BIAS = 1, 2, 3, 6
 
 
 def task_projection(task_ids, n_x):
@@ -75,6 +75,15 @@ def apply_tasks(x, y, task_ids, permute=None):
     rho = torch.where(keep[:, None], torch.arange(NUM_CLASSES, device=rho.device), rho)
     y = torch.gather(rho, 1, y)                                          # (B, T), rho(y_t)
     return x, y
+
+
+def keeps_identity_labels(task_ids, bias):
+    """The bias (paper 4.3) as the authors draw it: each task id keeps the identity labels with
+    probability `bias`, from a draw of its own key, so an id is identity-labelled in every batch
+    or in none (mnist_projections.py: `bernoulli(key_mask, permute_labels_prob)`, key_mask split
+    from the id's key). (B,) -> (B,) bool. Evaluation never biases: it passes no mask."""
+    u = ((random_bits(hash_key(task_ids, STREAM_BIAS), 1)[..., 0] >> 40) & 0xFFFFFF).float()
+    return u * 2.0 ** -24 < bias                                         # uniform in [0, 1)
 
 
 def unseen_task_ids(n, device="cpu"):
@@ -149,10 +158,9 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
 
     Task slots (the authors' `task_sample_size` x `train_batch_size`): sequences
     seqs_per_task * s ... seqs_per_task * (s + 1) - 1 share slot s, and so one task.
-    bias F: the first round(F * slots) slots of every meta-batch keep the identity label
-    permutation, their projections random (the paper's "fixed permutation for a fraction of each
-    batch"; the authors' `permute_labels_prob` = 1 - F, drawn once per task id there, an exact
-    fraction of every batch's slots here: ours).
+    bias F: a task id keeps the identity label permutation with probability F, once and for
+    all (keeps_identity_labels), its projection random: the paper's "fixed permutation for a
+    fraction of each batch", drawn as the authors draw it (`permute_labels_prob` = 1 - F).
     bias_task F: the last round(F * slots) slots use the fixed task 0, projection and labels (the
     authors' other knob, `project_prob` = 1 - F).
     Returns x (B, T, N_x) float, y (B, T) long, task_ids (B,).
@@ -164,7 +172,7 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     if bias_task > 0:
         fixed = slot >= slots - round(bias_task * slots)
         task_ids = torch.where(fixed, torch.zeros_like(task_ids), task_ids)
-    permute = slot >= round(bias * slots)                                           # (B,)
+    permute = ~keeps_identity_labels(task_ids, bias)                                # (B,)
     idx = draw_examples(hash_key(seed, step, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
     x, y = examples(x_all, idx, task_ids), y_all[idx]                               # (B, T, N_x), (B, T)
     return (*apply_tasks(x, y, task_ids, permute), task_ids)
