@@ -16,6 +16,7 @@ is metatest.py's InContextClassifier.)
 
 Uses data.py (tasks, sequences) and models.py (learners); imported by train.py.
 """
+import functools
 import math
 import os
 import pickle
@@ -139,13 +140,17 @@ def ci95(values):
 # -----------------------------------------------------------------------------
 # Classic baselines, scored per position on the very sequences the learner reads
 #
-# A learning curve alone does not say whether 0.2 at the 100th example is good. Two learners
+# A learning curve alone does not say whether 0.2 at the 100th example is good. Three learners
 # that need no meta-training answer that, each reading the same x and y as the learner and
 # predicting example t from examples 0..t-1 only:
 #   1-NN: the label of the nearest earlier example (ours: the simplest learner there is; it is
 #         cheap, so it runs on every sequence)
+#   logistic regression: a linear softmax classifier refitted on examples 0..t-1 at every t,
+#         its L2 chosen on training tasks (ours: the classic learner a meta-learner must beat to
+#         be more than a lookup; on 8 sequences of each task, for cost)
 #   SGD:  the paper's own baseline (Table 1), models.SGD: a fresh MLP per sequence, one Adam step
-#         per example; T sequential steps, so by default only on 2 sequences of each task
+#         per example; T sequential steps, run on every sequence so that its interval is as
+#         narrow as the learner's
 
 
 def nearest_neighbour(x, y):
@@ -174,8 +179,61 @@ def gradient_descent(x, y):
     return learner_predict(model, x, y)
 
 
-# name: (predict(x, y) -> labels (B, T), sequences per task it runs on; None: all)
-BASELINES = {"1-NN": (nearest_neighbour, None), "SGD": (gradient_descent, 2)}
+def logistic_regression(x, y, l2=1e-2, steps=30):
+    """Per-position logistic regression: at position t a linear softmax classifier, fitted on
+    examples 0..t-1 of the sequence, predicts example t. x (B, T, N_x), y (B, T) -> (B, T);
+    position 0 has no context and predicts label 0, as 1-NN.
+
+        W_t = argmin_W  1/t sum_{j<t} CE(W^T [x_j; 1], y_j) + l2/2 |W|^2     (the bias row free)
+
+    The loss is convex and W_t is close to W_{t-1}, so each fit starts from the last one and
+    takes `steps` of FISTA (accelerated gradient descent) at step 1/L, where L bounds the
+    gradient's Lipschitz constant: the softmax's Hessian is at most I/2 in the logits, so
+    L = lambda_max(X^T X / t) / 2 + l2 (lambda_max by power iteration, carried along too)."""
+    B, T, n = x.shape
+    xb = torch.cat([x, torch.ones_like(x[..., :1])], -1).float()           # (B, T, n+1)
+    target = F.one_hot(y, data.NUM_CLASSES).float()                        # (B, T, C)
+    penalised = torch.ones(n + 1, 1, device=x.device)
+    penalised[-1] = 0                                                       # not the bias
+    W = xb.new_zeros(B, n + 1, data.NUM_CLASSES)                           # (B, n+1, C)
+    v = torch.ones(B, n + 1, device=x.device)
+    pred = torch.zeros_like(y)
+    for t in range(1, T):
+        X, Y = xb[:, :t], target[:, :t]                                     # the prefix j < t
+        cov = X.transpose(1, 2) @ X / t                                     # (B, n+1, n+1)
+        for _ in range(3):
+            v = F.normalize((cov @ v[..., None])[..., 0], dim=-1)
+        lr = 1 / ((v[:, None] @ cov @ v[..., None])[:, 0] / 2 + l2)         # (B, 1): 1 / L
+        W_prev = W
+        for k in range(steps):
+            Z = W + (k / (k + 3)) * (W - W_prev)                            # FISTA's look-ahead
+            grad = X.transpose(1, 2) @ ((X @ Z).softmax(-1) - Y) / t + l2 * penalised * Z
+            W_prev, W = W, Z - lr[..., None] * grad
+        pred[:, t] = (xb[:, t, None] @ W)[:, 0].argmax(-1)                  # (B,)
+    return pred
+
+
+L2_GRID = (1e-3, 1e-2, 1e-1)
+
+
+def choose_l2(x_all, y_all, seq_len, grid=L2_GRID, n_tasks=16, seqs_per_task=2):
+    """The L2 of logistic regression, chosen on training tasks (ids 0 .. n_tasks - 1) of a
+    training split, never on an evaluation set: the one whose accuracy over the second half of
+    the sequence is highest (ties: the smaller)."""
+    ids = torch.arange(n_tasks, device=y_all.device).repeat_interleave(seqs_per_task)
+    x, y = data.task_sequences(x_all, y_all, ids, seq_len, torch.arange(len(ids)), EVAL_SEED + 1)
+    score = lambda l2: (logistic_regression(x, y, l2) == y)[:, seq_len // 2:].float().mean()
+    return max(grid, key=lambda l2: (score(l2).item(), -l2))
+
+
+def make_baselines(l2=1e-2):
+    """{name: (predict(x, y) -> labels (B, T), sequences per task it runs on; None: all)}"""
+    return {"1-NN": (nearest_neighbour, None),
+            "logistic regression": (functools.partial(logistic_regression, l2=l2), 8),
+            "SGD": (gradient_descent, None)}
+
+
+BASELINES = make_baselines()
 
 
 def first_per_task(task_ids, k):
@@ -280,9 +338,9 @@ def regime(results, base="mnist", threshold=0.05):
 
 def format_results(results):
     """One row per set, and under it one indented row per baseline scored on its sequences."""
-    row = lambda name, r: (f"{name:<22} {r['first']:7.3f} {r['last']:8.3f} ± {r['last_ci']:.3f}"
+    row = lambda name, r: (f"{name:<34} {r['first']:7.3f} {r['last']:8.3f} ± {r['last_ci']:.3f}"
                            f" {r['improvement']:+10.3f} ± {r['improvement_ci']:.3f}")
-    lines = [f"{'set':<22} {'acc@1':>7} {'acc@last':>15} {'improvement':>17}"]
+    lines = [f"{'set':<34} {'acc@1':>7} {'acc@last':>15} {'improvement':>17}"]
     for name, r in results.items():
         lines.append(row(name, r))
         lines += [row(f"  {b} ({s['n']} seqs)", s) for b, s in r.get("baselines", {}).items()]

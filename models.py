@@ -70,10 +70,12 @@ def variance_scaling(p, scale):
 
 
 def haiku_lstm_init(lstm):
-    """An nn.LSTM or nn.LSTMCell as hk.LSTM at init. Torch splits the one Linear on [x, h] into
-    weight_ih and weight_hh (fan-in n_in + hidden, as Haiku's) and has two biases; we zero both
-    and set the forget chunk of bias_ih to 1 (torch's gate order is i, f, g, o). Haiku adds its
-    forget bias 1 as a constant: the same at init, and learnable here."""
+    """An nn.LSTM or nn.LSTMCell as hk.LSTM. Torch splits the one Linear on [x, h] into
+    weight_ih and weight_hh (fan-in n_in + hidden, as Haiku's) and adds two biases, bias_ih and
+    bias_hh, where Haiku has one per gate. Two learnable copies of one bias move twice as fast
+    under Adam (each takes a step of ~lr), so bias_hh is held at zero and frozen: bias_ih is the
+    gate's only bias. Its forget chunk starts at 1 (torch's gate order is i, f, g, o); Haiku
+    adds its forget bias 1 as a constant: the same at init, and learnable here (ours)."""
     h = lstm.hidden_size
     for name, p in lstm.named_parameters():
         if name.startswith("weight_hh"):                             # one per layer: (4h, h)
@@ -85,6 +87,8 @@ def haiku_lstm_init(lstm):
             nn.init.zeros_(p)
             if name.startswith("bias_ih"):
                 nn.init.ones_(p[h:2 * h])                            # the forget gate
+            else:
+                p.requires_grad_(False)                              # bias_hh: one bias per gate
 
 
 def haiku_init(module):
@@ -583,4 +587,5 @@ def build(kind, n_in, n_out, **cfg):
 
 
 def num_params(model):
-    return sum(p.numel() for p in model.parameters())
+    """The meta-parameters: what meta-training learns (an LSTM's frozen zero bias_hh is not)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -198,20 +198,30 @@ def test_training_never_draws_unseen_ids_and_respects_num_tasks():
     assert max(unseen) < 0
 
 
-def test_bias_keeps_identity_labels_on_exactly_the_biased_slots_with_random_projections():
-    # 40 sequences in 20 slots of 2; bias 0.25: slots 0-4 (sequences 0-9) keep the labels as
-    # they are; their projections are still their tasks' random ones
+def test_bias_labels_a_task_id_with_the_identity_in_every_batch_or_in_none():
+    # 8 task ids, slots of 2, 30 steps: each id comes back many times; the bias is a property of
+    # the id (the authors' per-id draw), never of the slot or the step
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
-    for step in range(3):
-        args = (x_all, y_all, 0, step, torch.arange(40), 12, data.FRESH)
+    kept = {}
+    for step in range(30):
+        args = (x_all, y_all, 0, step, torch.arange(40), 12, 8)
         x0, y0, ids0 = data.sample_sequences(*args, batch_size=40, seqs_per_task=2)
-        x1, y1, ids1 = data.sample_sequences(*args, bias=0.25, batch_size=40, seqs_per_task=2)
-        assert torch.equal(x0, x1) and torch.equal(ids0, ids1) and (ids1 != 0).all()
-        rho = data.task_permutation(ids0)                                     # (40, 10)
-        unpermuted = rho.argsort(-1).gather(1, y0)                            # rho^-1(y)
-        assert torch.equal(y1[:10], unpermuted[:10])                          # identity labels
-        assert torch.equal(y1[10:], y0[10:]) and not torch.equal(y1[10:], unpermuted[10:])
-        assert len(set(ids1[:10].tolist())) == 5                              # 5 random tasks
+        x1, y1, ids1 = data.sample_sequences(*args, bias=0.5, batch_size=40, seqs_per_task=2)
+        assert torch.equal(x0, x1) and torch.equal(ids0, ids1)           # projections stay random
+        unpermuted = data.task_permutation(ids0).argsort(-1).gather(1, y0)  # rho^-1(y)
+        for i, task in enumerate(ids1.tolist()):
+            identity = torch.equal(y1[i], unpermuted[i])
+            assert identity or torch.equal(y1[i], y0[i])                  # one of the two maps
+            assert kept.setdefault(task, identity) == identity, task     # the same every time
+    assert set(kept) == set(range(8)) and 0 < sum(kept.values()) < 8     # both kinds occur
+
+
+def test_bias_fraction_of_task_ids_is_about_f():
+    ids = torch.arange(20_000)
+    for f in (0.1, 0.5, 0.9):
+        share = data.keeps_identity_labels(ids, f).float().mean().item()
+        assert abs(share - f) < 0.015, (f, share)                        # binomial sd <= 0.0035
+    assert not data.keeps_identity_labels(ids, 0.0).any()
 
 
 def test_bias_task_puts_the_last_slots_on_task_zero():
@@ -381,6 +391,7 @@ def test_lstm_gates_start_as_haikus():
                 assert torch.equal(p[:h], torch.zeros(h)) and torch.equal(p[2 * h:], torch.zeros(2 * h))
             elif name.startswith("bias_hh"):
                 assert torch.equal(p, torch.zeros_like(p)), name
+                assert not p.requires_grad, name                        # one bias per gate
             elif name.startswith("weight_ih"):                          # fan-in: [x, h]
                 w = torch.cat([p, getattr(lstm, name.replace("ih", "hh"))], 1)
                 std = w.shape[1] ** -0.5             # hk.Linear: TruncatedNormal(1 / sqrt(fan_in))
@@ -390,6 +401,58 @@ def test_lstm_gates_start_as_haikus():
     lin = small("lstm").encoder[0]                                      # the encoder too
     assert torch.equal(lin.bias, torch.zeros_like(lin.bias))
     assert lin.weight.abs().max() <= 2 * lin.in_features ** -0.5 + 1e-7
+
+
+def test_lstm_gate_bias_moves_as_one_bias_under_adam():
+    # Haiku has one bias per gate; torch's bias_ih + bias_hh would take two Adam steps of ~lr
+    torch.manual_seed(0)
+    model = small("lstm")
+    lstm = model.lstm
+    before = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().clone()
+    opt = train.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01, eps_root=0.0)
+    gpicl.meta_loss(model, torch.randn(4, 6, 6), torch.randint(0, 10, (4, 6))).backward()
+    opt.step()
+    moved = ((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach() - before).abs()
+    assert moved.max() <= 0.01 * (1 + 1e-4) and moved.max() > 0.005    # Adam's first step: ~lr
+
+
+def test_logistic_regression_separates_where_the_nearest_neighbour_misleads():
+    # class 4 at x0 = -1, class 7 at x0 = +1, x1 spread; the query (0.5, -3) has a class-4
+    # neighbour at (-1, -3) (distance 1.5) while every class-7 example is over 2 away: 1-NN
+    # says 4, a linear classifier (the boundary x0 = 0) says 7
+    x = torch.tensor([[[-1.0, -3.0], [1.0, 3.0], [-1.0, 3.0], [1.0, 1.0], [-1.0, 0.0],
+                       [1.0, -1.0], [0.5, -3.0]]])
+    y = torch.tensor([[4, 7, 4, 7, 4, 7, 7]])
+    assert gpicl.nearest_neighbour(x, y)[0, -1] == 4
+    pred = gpicl.logistic_regression(x, y, l2=1e-2)
+    assert pred[0, 0] == 0                                               # nothing to fit at t = 0
+    assert pred[0, -1] == 7 and pred[0, 4] == 4 and pred[0, 5] == 7      # x0's sign decides
+
+
+def test_logistic_regression_fit_is_the_regularised_minimum():
+    # the last position's fit against scipy-free first-order optimality: W* of the prefix has a
+    # gradient of (nearly) zero, and the baseline's prediction is W*'s
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 41, 5), torch.randint(0, 10, (1, 41))
+    l2 = 0.1
+    xb = torch.cat([x[0, :40], torch.ones(40, 1)], 1)                   # (40, 6)
+    W = torch.zeros(6, 10, requires_grad=True)
+    opt = torch.optim.LBFGS([W], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    def loss():
+        opt.zero_grad()
+        out = F.cross_entropy(xb @ W, y[0, :40]) + l2 / 2 * (W[:-1] ** 2).sum()
+        out.backward()
+        return out
+    opt.step(loss)
+    exact = (torch.cat([x[0, 40], torch.ones(1)]) @ W).argmax()
+    assert gpicl.logistic_regression(x, y, l2=l2, steps=200)[0, 40] == exact
+
+
+def test_l2_is_chosen_on_training_tasks_from_the_grid():
+    # labels set by the sign of x0: a light penalty separates them, a heavy one (100) cannot
+    x_all = torch.randn(300, 4)
+    y_all = (x_all[:, 0] > 0).long() * 3                                 # labels 0 and 3
+    assert gpicl.choose_l2(x_all, y_all, seq_len=30, grid=(100.0, 1e-2), n_tasks=2) == 1e-2
 
 
 def test_sgd_baseline_does_not_depend_on_the_batch_layout():
@@ -577,14 +640,16 @@ def test_baselines_appear_in_the_table_log_and_summary_and_the_flag_removes_them
             continue
         for name in ("seen random", "unseen random"):
             b = ev[name]["baselines"]
-            assert set(b) == {"1-NN", "SGD"} and b["1-NN"]["n"] == 6 and b["SGD"]["n"] == 4
+            assert list(b) == ["1-NN", "logistic regression", "SGD"]
+            assert b["1-NN"]["n"] == b["SGD"]["n"] == b["logistic regression"]["n"] == 6
             assert len(b["1-NN"]["curve"]) == 4
             s = summary[name]["baselines"]["1-NN"]
             assert "curve" not in s and s["acc_at"] == {"1": b["1-NN"]["curve"][0]}
             assert s["last"] == b["1-NN"]["last"]
         lines = printed.splitlines()
         at = lines.index(next(l for l in lines if l.startswith("unseen random")))
-        assert lines[at + 1].startswith("  1-NN (6 seqs)") and lines[at + 2].startswith("  SGD (4 seqs)")
+        assert [l.split(" (")[0] for l in lines[at + 1:at + 4]] == [
+            "  1-NN", "  logistic regression", "  SGD"]
 
 
 def test_summary_compact_keeps_accuracy_at_fixed_examples():
