@@ -6,6 +6,7 @@ Reproduce the paper's findings, one command each (Kirsch et al. 2022, sections 3
     python experiments.py plateaus       ...
     python experiments.py learning_curves ...
     python experiments.py NAME --plot    # results/NAME.png, drawn from the JSONL alone
+    python experiments.py run RUN_DIR    # one run's learning curves: RUN_DIR/curves.png
 
 Every run is `train.py` in a subprocess (one CPU thread at the cpu scale) writing into
 runs/exp/NAME[_gpu]/RUN_ID; when it finishes, one JSON record goes into the results file: the
@@ -500,6 +501,80 @@ def plot(name, records, path):
     return path
 
 
+# -----------------------------------------------------------------------------
+# One run's figure: `python experiments.py run RUN_DIR` draws RUN_DIR/log.jsonl
+
+BASELINE_STYLE = {"1-NN": ("C1", "--"), "logistic regression": ("C2", "--"), "SGD": ("C3", ":")}
+
+
+def run_figure_data(records):
+    """A run's log.jsonl records -> what its figure draws: the loss curve, the unseen base
+    accuracy at the last example by step, and the last evaluation's curves per set with the
+    baselines read on the same sequences."""
+    evals = [r for r in records if "eval" in r]
+    if not evals:
+        raise ValueError("no evaluation in the log yet")
+    last = evals[-1]["eval"]
+    base = next(k for k in last if k.startswith("unseen "))
+    return dict(loss=[(r["step"], r["loss"]) for r in records if "loss" in r],
+                base=base, by_step=[(r["step"], r["eval"][base]["last"]) for r in evals],
+                step=evals[-1]["step"],
+                curves={k: dict(learner=v["curve"], **{b: s["curve"] for b, s in
+                                                       v.get("baselines", {}).items()})
+                        for k, v in last.items() if k.startswith("unseen ")})
+
+
+def plot_run(records, path, title=""):
+    import matplotlib  # optional: only figures need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = run_figure_data(records)
+    sets = list(d["curves"])
+    fig, ax = plt.subplots(1, len(sets) + 1, figsize=(3.8 * (len(sets) + 1), 3.4), squeeze=False)
+    for a, s in zip(ax[0], sets):
+        for who, curve in d["curves"][s].items():
+            color, ls = BASELINE_STYLE.get(who, ("C0", "-"))
+            a.plot(range(1, len(curve) + 1), curve, color=color, ls=ls, lw=2 if who == "learner" else 1,
+                   label=f"learner (step {d['step']:,})" if who == "learner" else who)
+        a.axhline(CHANCE, color="k", lw=0.5, ls=":")
+        a.set(title=s, xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
+    ax[0, 0].legend(fontsize=7, loc="upper left")
+    a = ax[0, -1]
+    a.plot(*zip(*d["loss"]), color="0.4", lw=0.8, label="training loss")
+    a.axhline(PLATEAU_LOSS, color="k", lw=0.5, ls=":")
+    a.set(title="meta-training", xlabel="step", ylabel="loss (nats)", ylim=(0, 2.5))
+    b = a.twinx()
+    b.plot(*zip(*d["by_step"]), "o-", color="C0", ms=3, label=f"{d['base']} acc@last")
+    b.set(ylim=(0, 1), ylabel="accuracy")
+    lines = a.get_lines()[:1] + b.get_lines()
+    a.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def main_run(argv):
+    p = Parser(prog="experiments.py run", description="Draw one run's learning curves, the "
+               "learner beside the baselines on the same sequences, from its log.jsonl.")
+    p.add_argument("run_dir", help="a train.py --out-dir")
+    p.add_argument("--out", help="the PNG (default RUN_DIR/curves.png)")
+    p.add_argument("--title", default="", help="a line above the panels")
+    a = p.parse_args(argv)
+    out = a.out or os.path.join(a.run_dir, "curves.png")
+    check_out_file(p, "--out", out, make_folder=True)
+    log = os.path.join(a.run_dir, "log.jsonl")
+    if not os.path.isfile(log):
+        p.error(f"{a.run_dir}: no log.jsonl there; is it a train.py --out-dir?")
+    try:
+        records = read_records(log)
+        print(plot_run(records, out, a.title))
+    except (OSError, ValueError, KeyError) as e:
+        p.error(f"{a.run_dir}: {getattr(e, 'strerror', None) or e}")
+
+
 def get_parser():
     p = Parser(prog="experiments.py", description=__doc__.split("\n")[1])
     p.add_argument("name", choices=list(EXPERIMENTS) + ["all"], help="an experiment, or all of them")
@@ -512,6 +587,9 @@ def get_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # one run's figure
+        return main_run(argv[1:])
     p = get_parser()
     a = p.parse_args(argv)
     names = list(EXPERIMENTS) if a.name == "all" else [a.name]

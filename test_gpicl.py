@@ -1955,3 +1955,26 @@ def test_plateau_stop_rule_waits_for_both_ends_and_the_margin():
                       for e in never["evals"]]
     assert not stop([dict(step=s, loss=l) for s, l in never["loss"]] +
                     [dict(step=e["step"], eval=e["results"]) for e in never["evals"]])
+
+
+def test_run_figure_draws_a_tiny_log_with_its_baselines(tmp_path):
+    pytest.importorskip("matplotlib")
+    curve = lambda a: dict(curve=[0.1, a], last=a, first=0.1)
+    ev = {"unseen mnist": dict(curve(0.6), baselines={"1-NN": curve(0.5), "SGD": curve(0.3)}),
+          "seen mnist": curve(0.9), "unseen random": curve(0.8)}
+    records = [dict(step=50, loss=2.3), dict(step=100, loss=1.5), dict(step=100, eval=ev)]
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    d = experiments.run_figure_data(records)
+    assert d["loss"] == [(50, 2.3), (100, 1.5)] and d["by_step"] == [(100, 0.6)]
+    assert list(d["curves"]) == ["unseen mnist", "unseen random"]         # unseen sets only
+    assert d["curves"]["unseen mnist"] == {"learner": [0.1, 0.6], "1-NN": [0.1, 0.5],
+                                           "SGD": [0.1, 0.3]}
+    experiments.main(["run", str(tmp_path)])
+    png = open(tmp_path / "curves.png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    with open(tmp_path / "log.jsonl", "w") as f:                          # no evaluation yet
+        f.write(json.dumps(records[0]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        experiments.main(["run", str(tmp_path), "--out", str(tmp_path / "b.png")])
+    assert e.value.code == 2
