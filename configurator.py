@@ -164,6 +164,8 @@ def task_flags(g):
                    help=preset_help("bias", "fraction of every meta-batch's task slots that keep "
                                     "one fixed label permutation (the identity), projections "
                                     "random (paper 4.3)"))
+    g.add_argument("--bias-steps", type=nonneg_int, default=0,
+                   help="apply --bias during the first this many steps only (0: every step)")
     g.add_argument("--bias-task", type=fraction, default=0.0,
                    help="fraction of every meta-batch's task slots that use the one fixed task 0")
     g.add_argument("--seqs-per-task", type=positive_int,
@@ -212,9 +214,10 @@ def meta_training_flags(g):
                    help=preset_help("adam_eps_root", "Adam epsilon inside the square root, as "
                                                      "optax's eps_root"))
     g.add_argument("--warmup", type=nonneg_int, default=0, help="linear learning-rate warm-up steps")
-    g.add_argument("--schedule", choices=["constant", "cosine"],
-                   help=preset_help("schedule", "learning rate after warm-up: constant, or "
-                                                "cosine decay to 10%%"))
+    g.add_argument("--schedule", choices=["constant", "cosine", "wsd"],
+                   help=preset_help("schedule", "learning rate after warm-up: constant, cosine "
+                                                "decay to 10%%, or wsd: constant, then linear "
+                                                "decay to 10%% over the last quarter"))
     g.add_argument("--grad-clip", type=nonneg_float, default=0.0,
                    help="clip the gradient norm to this; 0: no clipping (the authors' default)")
     g.add_argument("--seed", type=seed_int, default=0, help="seed of the meta-batches and init")

@@ -1978,3 +1978,28 @@ def test_run_figure_draws_a_tiny_log_with_its_baselines(tmp_path):
     with pytest.raises(SystemExit) as e:
         experiments.main(["run", str(tmp_path), "--out", str(tmp_path / "b.png")])
     assert e.value.code == 2
+
+
+def test_wsd_schedule_holds_the_rate_then_cools_down_linearly_to_a_tenth():
+    args = argparse.Namespace(lr=1e-3, warmup=0, schedule="wsd", steps=400)
+    lr = [train.lr_at(s, args) for s in range(400)]
+    assert lr[0] == lr[299] == 1e-3                                     # the first three quarters
+    assert lr[350] == pytest.approx(1e-3 * (1 - 0.9 * 0.5))             # half-way down
+    assert all(a > b for a, b in zip(lr[300:], lr[301:]))               # falling, to
+    assert lr[-1] == pytest.approx(1e-4, rel=0.1)                       # 10% at the end
+
+
+def test_bias_steps_stop_the_bias_after_that_step():
+    x_all, y_all = torch.randn(300, 5), torch.randint(0, 10, (300,))
+    base = dict(lookup_steps=0, seed=0, seq_len=10, num_tasks=data.FRESH, batch_size=64,
+                seqs_per_task=1, bias_task=0.0, bias=0.9)
+    tasks = dict(train=(x_all, y_all), lookup=None)
+    idx = torch.arange(64)
+    with_bias = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=7, seq_index=idx)
+    limited = lambda step: train.get_batch(argparse.Namespace(**base, bias_steps=5), tasks,
+                                           step=step, seq_index=idx)
+    unbiased = train.get_batch(argparse.Namespace(**dict(base, bias=0.0), bias_steps=0), tasks,
+                               step=7, seq_index=idx)
+    assert torch.equal(limited(7)[1], unbiased[1]) and not torch.equal(with_bias[1], unbiased[1])
+    early = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=4, seq_index=idx)
+    assert torch.equal(limited(4)[1], early[1])

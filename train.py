@@ -82,9 +82,10 @@ def get_batch(args, tasks, *, step, seq_index):
     draws exactly what an uninterrupted one would have. The first --lookup-steps draw from the
     lookup curriculum (random images, short sequences), the rest from the real tasks."""
     warm = step < args.lookup_steps
+    bias = args.bias if not args.bias_steps or step < args.bias_steps else 0.0
     x, y, _ = data.sample_sequences(
         *(tasks["lookup"] if warm else tasks["train"]), args.seed, step, seq_index,
-        args.lookup_seq_len if warm else args.seq_len, args.num_tasks, args.bias,
+        args.lookup_seq_len if warm else args.seq_len, args.num_tasks, bias,
         args.batch_size, args.seqs_per_task, args.bias_task)
     return x, y  # (B, T, N_x), (B, T)
 
@@ -171,7 +172,11 @@ def evaluate(args, env, learner, sets, state):
     # The baselines read only the evaluation sequences, which are the same at every evaluation:
     # score them once per process and attach the same summaries to every later evaluation.
     first = args.baselines == "on" and state.baselines is None
-    state.results = gpicl.evaluate(learner.raw, sets, args.seq_len, ctx=env.ctx, baselines=first)
+    if first:  # logistic regression's L2, chosen on training tasks of the training split
+        first = gpicl.make_baselines(gpicl.choose_l2(*sets["train split"], args.seq_len))
+    evaluated = {name: s for name, s in sets.items() if name != "train split"}
+    state.results = gpicl.evaluate(learner.raw, evaluated, args.seq_len, ctx=env.ctx,
+                                   baselines=first)
     if first:
         state.baselines = {name: r["baselines"] for name, r in state.results.items()}
     elif args.baselines == "on":
@@ -245,6 +250,9 @@ def lr_at(step, args):
     if args.schedule == "cosine":
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    if args.schedule == "wsd":  # ours: constant through the plateau, then a linear cool-down
+        t = (step - 0.75 * args.steps) / (0.25 * args.steps)  # to 10% over the last quarter
+        return args.lr * (1 - 0.9 * min(max(t, 0.0), 1.0))
     return args.lr
 
 
@@ -360,6 +368,7 @@ def load_data(parser, args, others):
                                             channels=args.channels)["train"]
     sets = gpicl.eval_sets((args.dataset, base), other_sets, args.num_tasks,
                            args.eval_tasks, args.eval_seqs, args.device)
+    sets["train split"] = base["train"]  # where logistic regression's L2 is chosen
     return tasks, sets
 
 
@@ -383,8 +392,9 @@ def announce(args, env, learner, step):
 NO_STEP = 2 ** 62  # "no step yet" for a step kept on the device
 # What defines the meta-batches of a run: a resumed run must keep them, or it continues another
 RUN_KEYS = ("preset", "dataset", "image_size", "channels", "seq_len", "num_tasks", "bias", "bias_task",
-            "seqs_per_task", "lookup_steps", "lookup_seq_len", "batch_size", "seed")
-CHECKPOINT_FORMAT = 2  # 2: fixed-permutation bias, task slots, optax's Adam, key size
+            "bias_steps", "seqs_per_task", "lookup_steps", "lookup_seq_len", "batch_size", "seed")
+CHECKPOINT_FORMAT = 3  # 2: fixed-permutation bias, task slots, optax's Adam, key size; 3: the bias
+#                        drawn per task id, one bias per LSTM gate
 
 
 @dataclass
@@ -442,8 +452,8 @@ def resume(parser, args, learner, state):
     except ValueError as e:
         parser.error(f"--resume: {e}")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        parser.error(f"--resume: {path} was written by an older gpicl (before the "
-                     "fixed-permutation bias and optax's Adam); start a new --out-dir")
+        parser.error(f"--resume: {path} was written by an older gpicl (before the bias "
+                     "drawn per task id); start a new --out-dir")
     if ckpt["model_config"] != plain(learner.config):
         parser.error(f"--resume: the checkpoint in {args.out_dir} holds a different learner "
                      f"({ckpt['model_config']}); use the flags it was trained with")
