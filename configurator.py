@@ -108,6 +108,13 @@ PRESET_SUMMARY = {"paper": "the authors' settings on 14x14 MNIST, 50,000 steps o
                   "cpu": "a small Transformer on 7x7 MNIST that learns in context in minutes"}
 TRANSFORMER_PRESETS = {"paper": dict(width=512, n_layer=4, n_head=8, key_size=32),
                        "cpu": dict(width=64, n_layer=2, n_head=4, key_size=32)}
+# cpu, every learner but the Transformer: the same tasks, its own sizes (or --state-size),
+#   batch 64, a constant learning rate and a 13-minute --time-budget, so that each ends in about
+#   15 minutes on 2 cores whatever its step costs (ours: an LSTM of state 1,024 takes ~1 s a
+#   step at batch 64 there, VSML ~10 s); fewer evaluation sequences, as the slow ones read them
+#   one step at a time.
+OTHER_LEARNERS_CPU = dict(batch_size=64, steps=20_000, schedule="constant", time_budget=13 * 60,
+                          eval_every=1000, eval_seqs=16)
 
 
 def apply_preset(args):
@@ -120,6 +127,8 @@ def apply_preset(args):
         preset.update(TRANSFORMER_PRESETS[args.preset])
         if args.state_size is not None:  # the state size picks the key size
             del preset["key_size"]
+    elif args.preset == "cpu":
+        preset.update(OTHER_LEARNERS_CPU)
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
