@@ -53,11 +53,16 @@ PLATEAU_LOSS = math.log(10)
 # -----------------------------------------------------------------------------
 # The sweeps: each returns [(params, flags)]; params are the swept variables (they name the run)
 
-CPU = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "5",
+# Every sweep names its preset and the flags that shape its meta-batches, so that it runs the
+# same on any machine (without --preset, train.py picks paper on a GPU and cpu elsewhere)
+CPU = ["--preset", "cpu", "--seqs-per-task", "1", "--schedule", "constant", "--adam-eps-root", "0",
+       "--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "5",
        "--seq-len", "10", "--eval-datasets", "mnist", "--eval-tasks", "8", "--eval-seqs", "32",
        "--log-every", "20", "--lr", "2e-3", "--batch-size", "32"]
 SMALL_TRANSFORMER = dict(n_layer=2, n_head=4)  # the other learners take no layers or heads
-GPU = ["--dataset", "mnist", "--image-size", "14", "--seq-len", "100", "--eval-datasets",
+# gpu: 16 task slots of 8 sequences (the authors' 16 slots, at batch 128: ours)
+GPU = ["--preset", "paper", "--seqs-per-task", "8", "--schedule", "constant",
+       "--dataset", "mnist", "--image-size", "14", "--seq-len", "100", "--eval-datasets",
        "uci_digits,random", "--log-every", "50", "--batch-size", "128", "--steps", "50000",
        "--eval-every", "2500"]
 
@@ -130,7 +135,8 @@ def plateaus(scale):
     50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch 64/256/512."""
     if scale == "cpu":
         batches, roots, bias = [], [0.0], [0.0, 0.25, 0.9]
-        extra = ["--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
+        extra = ["--preset", "cpu", "--seqs-per-task", "1", "--schedule", "constant",
+                 "--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
                  "--seq-len", "100", "--eval-datasets", "", "--eval-tasks", "8", "--eval-seqs", "32",
                  "--baselines", "off", "--log-every", "20", "--lr", "1e-3", "--model", "transformer",
                  "--width", "64", "--n-layer", "2", "--n-head", "4", "--key-size", "16",

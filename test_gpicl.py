@@ -2003,3 +2003,15 @@ def test_bias_steps_stop_the_bias_after_that_step():
     assert torch.equal(limited(7)[1], unbiased[1]) and not torch.equal(with_bias[1], unbiased[1])
     early = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=4, seq_index=idx)
     assert torch.equal(limited(4)[1], early[1])
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_every_sweep_names_its_preset_and_its_layout(scale):
+    # without --preset a sweep would inherit the machine's (paper on a GPU, cpu elsewhere)
+    for name, sweep in experiments.EXPERIMENTS.items():
+        for params, flags in sweep(scale):
+            args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
+            assert args.preset == ("cpu" if scale == "cpu" else "paper"), (name, params)
+            configurator.apply_preset(args)
+            if scale == "gpu":  # the authors' 16 task slots, not the paper preset's 512 / 32
+                assert args.batch_size // args.seqs_per_task == 16, (name, params)
