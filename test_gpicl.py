@@ -2013,5 +2013,5 @@ def test_every_sweep_names_its_preset_and_its_layout(scale):
             args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
             assert args.preset == ("cpu" if scale == "cpu" else "paper"), (name, params)
             configurator.apply_preset(args)
-            if scale == "gpu":  # the authors' 16 task slots, not the paper preset's 512 / 32
-                assert args.batch_size // args.seqs_per_task == 16, (name, params)
+            if scale == "gpu":  # 16 task slots at batch 128 as the authors', not 128 / 32 = 4
+                assert args.seqs_per_task == 8, (name, params)
