@@ -66,15 +66,15 @@ from contextlib import nullcontext, suppress
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import configurator
 import data
-import gpicl
 import models
-from configurator import (MAX_TASKS, Parser, check_device, check_out_file, duration,
-                          image_size_int, layer_count, nonneg_int, positive_float, positive_int,
-                          thread_count, typed)
-from train import out_of_memory_in_one_line
+from configurator import MAX_TASKS
+from harness import (Parser, check_device, check_out_file, duration, image_size_int, layer_count,
+                     nonneg_int, out_of_memory_in_one_line, positive_float, positive_int,
+                     thread_count, typed)
 
 
 def get_parser():
@@ -212,18 +212,19 @@ def bench(argv):
     if args.width % args.n_head:  # torch.nn's attention splits the width into the heads
         parser.error(f"--width {args.width} is not a multiple of --n-head {args.n_head}: the "
                      "reference's heads split the width, so ours get key_size = width / n_head")
-    cfg = models.model_config("transformer", n_in, T, args.width, args.n_layer, args.n_head,
-                              key_size=args.width // args.n_head)
+    sizes = models.learner_sizes("transformer", n_in, T, width=args.width, n_layer=args.n_layer,
+                                 n_head=args.n_head, key_size=args.width // args.n_head)
     x_train, y_train = mnist_train(args.image_size, args.device)  # (N, N_x), (N,)
     torch.manual_seed(seed)
-    ours = models.build("transformer", n_in, data.NUM_CLASSES, **cfg).to(args.device)
+    ours = models.build("transformer", n_in, data.NUM_CLASSES, **sizes).to(args.device)
     ref = Reference(n_in, data.NUM_CLASSES, T, args.width, args.n_layer, args.n_head)
     ref = ref.copy_from(ours).to(args.device)
     # (B, T, N_x), (B, T)
-    batches = [data.sample_sequences(x_train, y_train, seed, s, torch.arange(B, device=args.device),
-                                     T, args.num_tasks)[:2] for s in range(args.steps)]
+    batches = [data.sample_sequences(x_train, y_train, seed=seed, step=s,
+                                     seq_index=torch.arange(B, device=args.device), seq_len=T,
+                                     num_tasks=args.num_tasks)[:2] for s in range(args.steps)]
     with torch.no_grad():
-        tokens = gpicl.make_tokens(*batches[0])                      # (B, T, N_x + 10)
+        tokens = data.make_tokens(*batches[0])                      # (B, T, N_x + 10)
         same = (ours(tokens) - ref(tokens)).abs().max().item()       # fp32, before autocast
 
     def make_step(model):
@@ -231,8 +232,10 @@ def bench(argv):
         run = torch.compile(model) if args.compile else model
 
         def train_step(i):  # as train.py: forward, backward, clip, Adam
-            with ctx:
-                loss = gpicl.meta_loss(run, *batches[i % len(batches)])
+            x, y = batches[i % len(batches)]
+            with ctx:  # the meta-loss, as train.py writes it
+                logits = run(data.make_tokens(x, y))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

@@ -11,11 +11,11 @@ The task id alone fixes A and rho, so `num_tasks` = 2^k is an exact knob (traini
 from [0, num_tasks); FRESH tasks are ids drawn from 62 random bits), and tasks that were never
 trained on are simply ids that training can never draw (we use negative ids).
 
-The chapter: 1. tasks, 2. sequences, 3. base datasets and their preprocessing; then the
+The chapter: 1. tasks, 2. sequences and the tokens a learner reads, 3. base datasets and their preprocessing; then the
 machinery, 4. the counter-based random numbers everything above draws from; and an appendix,
-the datasets that are downloaded on first use. This file imports nothing else from the project.
+the datasets that are downloaded on first use. Its functions import nothing else from the
+project (the fetch command line borrows harness.py's Parser, inside its own main()).
 """
-import argparse
 import gzip
 import hashlib
 import http.client
@@ -83,7 +83,8 @@ def unseen_task_ids(n, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# 2. Sequences: which task and which examples, a pure function of (seed, step, sequence index)
+# 2. Sequences: which task and which examples, a pure function of (seed, step, sequence index),
+#    and the tokens the learner reads them as
 
 STREAM_TASK, STREAM_RANDOM_IMAGES = 4, 5
 
@@ -168,6 +169,15 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     idx = draw_examples(hash_key(seed, step, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
     x, y = examples(x_all, idx, task_ids), y_all[idx]                               # (B, T, N_x), (B, T)
     return (*apply_tasks(x, y, task_ids, permute), task_ids)
+
+
+def make_tokens(x, y):
+    """What the learner reads (paper section 2): token t = [A x_t ; onehot(rho(y_{t-1}))], zeros
+    in place of the label at t = 0. x (B, T, N_x), y (B, T) -> tokens (B, T, N_x + 10).
+    Position t carries the label of example t-1, never its own: the learner predicts y_t there."""
+    y_prev = F.one_hot(y[:, :-1], NUM_CLASSES).to(x.dtype)          # (B, T-1, 10)
+    y_prev = F.pad(y_prev, (0, 0, 1, 0))                             # (B, T, 10), zeros at t = 0
+    return torch.cat([x, y_prev], dim=-1)                            # (B, T, N_x + 10)
 
 
 def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0):
@@ -474,13 +484,12 @@ def available(name, cache_dir=None):
 # -----------------------------------------------------------------------------
 # 6. The command line: python data.py fetch NAME..., on a machine with a network
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump (as train.py's)
-        message = message.replace("\n", "\\n")  # a newline in a flag's value: still one line
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def get_parser():
+    # The project's one Parser (one line per error, exit 2) lives with the rest of the run's
+    # safety in harness.py. It is imported here, when the command line is used, and not at the
+    # top: the chapter above (tasks, sequences, datasets) stays a file that imports nothing of
+    # ours, so it can be copied alone.
+    from harness import Parser
     p = Parser(prog="data.py", description="Fetch the datasets that are not shipped.")
     p.add_argument("command", choices=["fetch"])
     p.add_argument("names", nargs="+", choices=list(DOWNLOADS))

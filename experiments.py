@@ -43,7 +43,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from configurator import Parser, check_out_file, positive_int
+from harness import Parser, check_out_file, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WINDOW, DELTA, CHANCE = 5, 0.1, 0.1

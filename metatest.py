@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 import data
 import gpicl
-from configurator import (Parser, check_device, check_out_file, positive_int, seed_int,
-                          thread_count)
-from train import out_of_memory_in_one_line
+from harness import (Parser, check_device, check_out_file, out_of_memory_in_one_line,
+                     positive_int, seed_int, thread_count)
 
 # -----------------------------------------------------------------------------
 # A meta-trained learner as a classifier for your own table of numbers
@@ -61,7 +60,7 @@ def last_position_logits(model, x_ctx, y_ctx, x_query, batch_size=512):
         xq = x_query[i:i + batch_size]
         x = torch.cat([x_ctx.expand(len(xq), n, -1), xq[:, None]], 1)          # (B, n+1, N_x)
         y = F.pad(y_ctx.expand(len(xq), n), (0, 1))     # (B, n+1); the query's label is never read
-        out.append(model(gpicl.make_tokens(x, y))[:, -1].float())             # (B, 10)
+        out.append(model(data.make_tokens(x, y))[:, -1].float())             # (B, 10)
     return torch.cat(out) if out else x_query.new_zeros(0, data.NUM_CLASSES)
 
 
@@ -89,8 +88,8 @@ class InContextClassifier:
         if normalize not in ("column", "global"):
             raise ValueError(f"normalize must be 'column' or 'global', not {normalize!r}")
         self.model, ckpt = gpicl.load_learner(checkpoint, device)
-        self.n_x = ckpt["model_config"]["n_in"] - data.NUM_CLASSES
-        self.seq_len = ckpt["config"]["seq_len"]
+        self.n_x = ckpt["learner"]["n_in"] - data.NUM_CLASSES
+        self.seq_len = ckpt["flags"]["seq_len"]
         self.device, self.seed, self.members, self.normalize = device, seed, members, normalize
         self.batch_size = batch_size
 
@@ -195,8 +194,8 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
     for s in range(splits):
         order = data.random_bits(data.hash_key(seed, s, 4), len(y)).argsort()
         c, q = order[:n_context], order[n_context:n_context + n_queries]
-        stats = data.to_inputs(images[c], ckpt["config"]["image_size"])[1]   # context's stats
-        x_img = data.to_inputs(images, ckpt["config"]["image_size"], stats)[0].to(device)  # (N, N_x)
+        stats = data.to_inputs(images[c], ckpt["flags"]["image_size"])[1]   # context's stats
+        x_img = data.to_inputs(images, ckpt["flags"]["image_size"], stats)[0].to(device)  # (N, N_x)
         proba = 0
         for j, task in enumerate(tasks[s]):  # each member: its own task and context order
             x_t, y_t = data.apply_tasks(x_img[None], y[None].to(device), task[None].to(device))
@@ -232,33 +231,33 @@ PAPER_TABLE1 = {  # accuracy % at the 100th example, meta-trained on MNIST (pape
     "GPICL Transformer (paper)": [73.70, 62.24, 53.39, 100, 19.40, 14.58]}
 
 
-def table1(checkpoints, n_tasks=32, seqs_per_task=32, out_dir=".", device="cpu"):
+def table1(checkpoints, eval_tasks=32, eval_seqs=32, out_dir=".", device="cpu"):
     """Evaluate each checkpoint on every Table 1 dataset at its last position (its seq_len)
     and write table1.md and table1.json to out_dir; returns the Markdown. A dataset that is
     not on this machine is reported missing, with the command that fetches it."""
     rows, loaded = [], {}
-    unseen = data.unseen_task_ids(n_tasks, device).repeat_interleave(seqs_per_task)
+    unseen = data.unseen_task_ids(eval_tasks, device).repeat_interleave(eval_seqs)
     for path in checkpoints:
         model, ckpt = gpicl.load_learner(path, device)
-        cfg, cells = ckpt["config"], {}
+        flags, cells = ckpt["flags"], {}
         for column, name in TABLE1.items():
-            key = (name, cfg["image_size"])
+            key = (name, flags["image_size"])
             if key not in loaded:  # never try the network here: offline, it may hang
                 try:
-                    loaded[key] = (data.load_dataset(name, cfg["image_size"], device)
+                    loaded[key] = (data.load_dataset(name, flags["image_size"], device)
                                    if data.available(name) else None)
                 except (OSError, ValueError):  # e.g. a damaged cache file
                     loaded[key] = None
             if loaded[key] is None:
                 cells[column] = {"missing": f"fetch with `python data.py fetch {name}`"}
                 continue
-            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, cfg["seq_len"],
+            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, flags["seq_len"],
                                baselines=False)[name]                  # the learner's column only
             cells[column] = {"acc": round(100 * r["last"], 2), "ci": round(100 * r["last_ci"], 2),
                              "n": r["n"]}
-        rows.append({"checkpoint": path, "learner": ckpt["model_config"]["kind"],
-                     "meta_trained_on": cfg["dataset"], "image_size": cfg["image_size"],
-                     "seq_len": cfg["seq_len"], "step": ckpt["step"], "accuracy_pct": cells})
+        rows.append({"checkpoint": path, "learner": ckpt["learner"]["kind"],
+                     "meta_trained_on": flags["dataset"], "image_size": flags["image_size"],
+                     "seq_len": flags["seq_len"], "step": ckpt["step"], "accuracy_pct": cells})
     cell = lambda c: (f"missing — {c['missing']}" if "missing" in c else
                       f"{c['acc']:.2f} ± {c['ci']:.2f}")
     md = ["| learner | " + " | ".join(TABLE1) + " |", "|---" * (len(TABLE1) + 1) + "|"]
@@ -267,15 +266,15 @@ def table1(checkpoints, n_tasks=32, seqs_per_task=32, out_dir=".", device="cpu")
     md += [f"| {r['checkpoint']} ({r['learner']}, {r['meta_trained_on']} {r['image_size']}x"
            f"{r['image_size']}, @{r['seq_len']}) | "
            + " | ".join(cell(c) for c in r["accuracy_pct"].values()) + " |" for r in rows]
-    md = "\n".join(md) + (f"\n\nAccuracy (%) at the last example on {n_tasks} unseen tasks x "
-                          f"{seqs_per_task} sequences, ± 95% CI; "
+    md = "\n".join(md) + (f"\n\nAccuracy (%) at the last example on {eval_tasks} unseen tasks x "
+                          f"{eval_seqs} sequences, ± 95% CI; "
                           f"paper rows: Kirsch et al. 2022, Table 1.\n")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table1.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out_dir, "table1.json"), "w") as f:
         json.dump({"paper_pct": {k: dict(zip(TABLE1, v)) for k, v in PAPER_TABLE1.items()},
-                   "tasks": n_tasks, "seqs_per_task": seqs_per_task, "checkpoints": rows}, f, indent=1)
+                   "eval_tasks": eval_tasks, "eval_seqs": eval_seqs, "checkpoints": rows}, f, indent=1)
     return md
 
 
@@ -404,7 +403,8 @@ def meta_test(argv):
             for name, (m, ci) in res.items():
                 print(f"{name:<44} {m:.3f} ± {ci:.3f}")
         else:
-            print(table1(args.ckpts, args.tasks, args.seqs, args.out_dir, args.device))
+            print(table1(args.ckpts, eval_tasks=args.tasks, eval_seqs=args.seqs, out_dir=args.out_dir,
+                         device=args.device))
     except (OSError, ValueError) as e:
         p.error(str(e))
 

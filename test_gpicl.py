@@ -38,6 +38,7 @@ import configurator
 import data
 import experiments
 import gpicl
+import harness
 import metatest
 import models
 import train
@@ -296,7 +297,7 @@ def test_preprocessing_z_normalises_with_training_statistics():
 def test_tokens_carry_the_previous_label_and_zeros_first():
     x = torch.randn(2, 5, 3)
     y = torch.tensor([[4, 1, 9, 0, 2], [0, 0, 3, 3, 7]])
-    tok = gpicl.make_tokens(x, y)
+    tok = data.make_tokens(x, y)
     assert tok.shape == (2, 5, 13)
     assert torch.equal(tok[..., :3], x)
     assert (tok[:, 0, 3:] == 0).all()
@@ -311,11 +312,11 @@ def kinds(*slow):
 
 
 def small(kind, seq_len=12, n_x=6):
-    sizes = dict(width=16, n_layer=2, n_head=2, key_size=4)
-    cfg = models.model_config(kind, n_x + 10, seq_len, **{k: v for k, v in sizes.items()
+    given = dict(width=16, n_layer=2, n_head=2, key_size=4)
+    sizes = models.learner_sizes(kind, n_x + 10, seq_len, **{k: v for k, v in given.items()
                                                           if k in models.MODELS[kind].defaults})
     torch.manual_seed(0)
-    return models.build(kind, n_x + 10, 10, **cfg).eval()
+    return models.build(kind, n_x + 10, 10, **sizes).eval()
 
 
 @pytest.mark.parametrize("kind", kinds("lstm", "fwm", "vsml"))  # recurrences step by step
@@ -324,13 +325,13 @@ def test_no_position_sees_its_own_label_or_the_future(kind):
     model = small(kind, T, n_x)
     x, y = torch.randn(3, T, n_x), torch.randint(0, 10, (3, T))
     with torch.no_grad():
-        base = model(gpicl.make_tokens(x, y))
+        base = model(data.make_tokens(x, y))
         for t in range(T):
             x2, y2 = x.clone(), y.clone()
             y2[:, t] = (y2[:, t] + 1) % 10                              # its own label
             x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])             # everything after t
             y2[:, t + 1:] = torch.randint(0, 10, y2[:, t + 1:].shape)
-            out = model(gpicl.make_tokens(x2, y2))
+            out = model(data.make_tokens(x2, y2))
             assert torch.allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5), (kind, t)
             if t + 1 < T:                                               # and the future does matter
                 assert not torch.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-5)
@@ -349,18 +350,18 @@ def test_state_size_is_the_state_the_model_carries(kind):
 def test_transformer_state_is_the_kv_cache_whatever_the_width():
     # 2 keys/values x 4 layers x 100 positions x 8 heads x key size 32, at any width
     for width in (2, 64, 512):
-        cfg = models.model_config("transformer", 26, 100, width=width, key_size=32)
-        assert models.build("transformer", 26, 10, **cfg).state_size(100) == 204800
-    cfg = models.model_config("transformer", 26, 100, key_size=5)
-    assert models.build("transformer", 26, 10, **cfg).state_size(100) == 2 * 4 * 100 * 8 * 5
+        sizes = models.learner_sizes("transformer", 26, 100, width=width, key_size=32)
+        assert models.build("transformer", 26, 10, **sizes).state_size(100) == 204800
+    sizes = models.learner_sizes("transformer", 26, 100, key_size=5)
+    assert models.build("transformer", 26, 10, **sizes).state_size(100) == 2 * 4 * 100 * 8 * 5
 
 
 @pytest.mark.parametrize("width", [1, 2, 3])
 def test_narrow_transformers_build_and_stay_causal(width):
     T = 8
-    cfg = models.model_config("transformer", 16, T, width=width, n_layer=2)
+    sizes = models.learner_sizes("transformer", 16, T, width=width, n_layer=2)
     torch.manual_seed(0)
-    model = models.build("transformer", 16, 10, **cfg).eval()
+    model = models.build("transformer", 16, 10, **sizes).eval()
     tokens = torch.randn(4, T, 16)
     later = tokens.clone()
     later[:, 5:] = torch.randn(4, T - 5, 16)
@@ -393,14 +394,14 @@ def test_lstm_gates_start_as_haikus():
 
 
 def test_sgd_baseline_does_not_depend_on_the_batch_layout():
-    model = models.build("sgd", 26, 10, **models.model_config("sgd", 26, 10)).eval()
+    model = models.build("sgd", 26, 10, **models.learner_sizes("sgd", 26, 10)).eval()
     tokens = torch.randn(8, 10, 26)
     whole = model(tokens)                                                # (8, 10, 10)
     assert torch.equal(whole[:1], model(tokens[:1])) and torch.equal(whole[3:5], model(tokens[3:5]))
 
 
 def test_sgd_gives_each_sequence_its_own_init_from_its_content():
-    model = models.build("sgd", 26, 10, **models.model_config("sgd", 26, 10)).eval()
+    model = models.build("sgd", 26, 10, **models.learner_sizes("sgd", 26, 10)).eval()
     tokens = torch.randn(3, 10, 26)
     tokens[1] = tokens[0]                                                # same content, twice
     w0, _, w2, _ = model.initial_weights(tokens)                         # (3, 16, 128), (3, 128, 10)
@@ -410,21 +411,21 @@ def test_sgd_gives_each_sequence_its_own_init_from_its_content():
     assert torch.equal(again, w0)
     std = 16 ** -0.5                                                     # hk.Linear's: 1/sqrt(fan_in)
     assert w0.abs().max() <= 2 * std + 1e-7 and abs(w0.std().item() / (0.87962566 * std) - 1) < 0.1
-    maml = models.build("maml", 26, 10, **models.model_config("maml", 26, 10))
+    maml = models.build("maml", 26, 10, **models.learner_sizes("maml", 26, 10))
     w = maml.initial_weights(tokens)[0]                                  # one meta-learned init
     assert torch.equal(w[0], w[2])
 
 
 def test_state_size_flag_picks_the_size_or_names_the_nearest():
-    assert models.model_config("lstm", 206, 100, state_size=1024)["width"] == 512
-    cfg = models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
-    assert cfg["key_size"] == 32 and cfg["width"] == 512                 # the width stays
-    cfg = models.model_config("transformer", 206, 100, width=64, n_head=4, state_size=12800)
-    assert cfg["key_size"] == 4 and cfg["width"] == 64
+    assert models.learner_sizes("lstm", 206, 100, state_size=1024)["width"] == 512
+    sizes = models.learner_sizes("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
+    assert sizes["key_size"] == 32 and sizes["width"] == 512                 # the width stays
+    sizes = models.learner_sizes("transformer", 206, 100, width=64, n_head=4, state_size=12800)
+    assert sizes["key_size"] == 4 and sizes["width"] == 64
     with pytest.raises(ValueError, match="nearest reachable state sizes are 6400 or 12800"):
-        models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=10000)
+        models.learner_sizes("transformer", 206, 100, n_layer=4, n_head=8, state_size=10000)
     with pytest.raises(ValueError, match="1022 or 1024"):
-        models.model_config("lstm", 206, 100, state_size=1023)
+        models.learner_sizes("lstm", 206, 100, state_size=1023)
 
 
 @pytest.mark.parametrize("kind, sizes, match", [
@@ -437,9 +438,9 @@ def test_state_size_flag_picks_the_size_or_names_the_nearest():
     ("lstm", dict(width=64, state_size=1024), "width or state_size, not both"),
     ("transformer", dict(key_size=8, state_size=204800), "key_size or state_size, not both"),
 ])
-def test_model_config_rejects_what_a_learner_would_ignore(kind, sizes, match):
+def test_learner_sizes_rejects_what_a_learner_would_ignore(kind, sizes, match):
     with pytest.raises(ValueError, match=match) as e:
-        models.model_config(kind, 26, 100, **sizes)
+        models.learner_sizes(kind, 26, 100, **sizes)
     assert "\n" not in str(e.value)
 
 
@@ -524,7 +525,7 @@ def test_baselines_read_the_very_sequences_the_learner_reads():
                        baselines=baselines)["s"]
     x, y = data.task_sequences(x_all, y_all, task_ids, T, torch.arange(12), gpicl.EVAL_SEED)
     tokens = torch.cat(learner.tokens)                                  # what the learner read
-    assert torch.equal(tokens, gpicl.make_tokens(x, y))
+    assert torch.equal(tokens, data.make_tokens(x, y))
     assert torch.equal(torch.cat([a for a, _ in nn_in]), x) and \
         torch.equal(torch.cat([b for _, b in nn_in]), y)                # 1-NN: every sequence
     first2 = torch.tensor([0, 1, 4, 5, 8, 9])                           # SGD: 2 of each task,
@@ -654,8 +655,8 @@ def test_resume_from_weights_only_is_one_line(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
     # a run made before the fixed-permutation bias and optax's Adam (no "format", format-1 keys)
     old = {k: v for k, v in ckpt.items() if k != "format"}
-    old["config"] = {k: v for k, v in ckpt["config"].items()
-                     if k not in ("bias_task", "seqs_per_task", "channels", "preset")}
+    old["flags"] = {k: v for k, v in ckpt["flags"].items()
+                    if k not in ("bias_task", "seqs_per_task", "channels", "preset")}
     torch.save(old, out / "ckpt.pt")
     p = run_train([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
     assert p.returncode == 2 and "older gpicl" in p.stderr and "Traceback" not in p.stderr, p.stderr
@@ -755,11 +756,11 @@ def test_adam_matches_optax_formula_with_eps_root():
 
 @pytest.mark.slow
 def test_time_budget_reads_durations_and_a_bad_one_is_one_line(tmp_path):
-    assert [configurator.duration(s) for s in ("300", "300s", "5m", "1.5h", " 2S ", ".5m")] == \
+    assert [harness.duration(s) for s in ("300", "300s", "5m", "1.5h", " 2S ", ".5m")] == \
         [300, 300, 300, 5400, 2, 30]
     for bad in ("5x", "0", "-1", "1e3", "5ms", "inf", "nan", "", "m"):
         with pytest.raises(argparse.ArgumentTypeError):
-            configurator.duration(bad)
+            harness.duration(bad)
     p = run_train([*TINY, "--steps", "1", "--time-budget", "5x", "--out-dir", str(tmp_path / "r")])
     assert p.returncode == 2 and "'5x' is not a duration" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
@@ -829,7 +830,7 @@ def test_safe_load_refuses_checkpoints_that_would_run_code_or_are_cut_short(tmp_
     args = [*TINY, "--steps", "1", "--out-dir", str(out)]
     train.main(args)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # what train.py saves reads back safely
-    ckpt["config"]["note"] = MakesAFile(str(marker))
+    ckpt["flags"]["note"] = MakesAFile(str(marker))
     evil, cut = tmp_path / "evil.pt", tmp_path / "cut.pt"
     torch.save(ckpt, evil)
     cut.write_bytes((out / "ckpt.pt").read_bytes()[:5000])              # a copy cut short
@@ -859,13 +860,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint_before_it(tmp_path, m
     args = [*TINY, "--eval-every", "1000", "--log-every", str(log_every),
             "--ckpt-every", str(ckpt_every), "--schedule", "constant"]
     train.main([*args, "--steps", "4", "--out-dir", str(tmp_path / "good")])
-    meta_loss, calls = gpicl.meta_loss, []
+    make_tokens, calls = data.make_tokens, []
 
-    def nan_at_step_5(*a):
+    def nan_at_step_5(*a):  # NaN tokens, so a NaN loss, at step 5 (no evaluation before it)
         calls.append(1)
-        loss = meta_loss(*a)
-        return loss * math.nan if len(calls) == 5 else loss
-    monkeypatch.setattr(gpicl, "meta_loss", nan_at_step_5)
+        tokens = make_tokens(*a)
+        return tokens * math.nan if len(calls) == 5 else tokens
+    monkeypatch.setattr(data, "make_tokens", nan_at_step_5)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.main([*args, "--steps", "8", "--out-dir", str(tmp_path / "nan")])
@@ -912,7 +913,7 @@ def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
     assert first.startswith("preset cpu:") and "--preset paper" in first     # no GPU here
     assert "state size 1,024 floats" in p.stdout and "parameters 2,399,754" in p.stdout  # 7x7
     summary = json.load(open(tmp_path / "r" / "summary.json"))
-    assert summary["state_size"] == 1024 and summary["model_config"]["width"] == 512
+    assert summary["state_size"] == 1024 and summary["sizes"]["width"] == 512
 
 
 @pytest.mark.slow
@@ -1230,7 +1231,8 @@ def test_reference_is_our_transformer_rebuilt_from_torch_nn():
     import bench
     torch.manual_seed(0)
     ours = models.build("transformer", 59, 10,
-                        **models.model_config("transformer", 59, 10, 32, 2, 2, key_size=16))
+                        **models.learner_sizes("transformer", 59, 10, width=32, n_layer=2, n_head=2,
+                                                      key_size=16))
     ref = bench.Reference(59, 10, 10, 32, 2, 2)
     tokens = torch.randn(3, 10, 59)
     with torch.no_grad():
@@ -1351,17 +1353,17 @@ def test_suite_refuses_a_folder_that_holds_a_suites_files(tmp_path, capsys):
 TRAINED = os.path.join(HERE, "checkpoints", "mnist7_demo.pt")  # the demo learner, 7x7 MNIST
 
 
-def tiny_checkpoint(path, kind="transformer", image_size=2, seq_len=10, tweak=None, **cfg):
+def tiny_checkpoint(path, kind="transformer", image_size=2, seq_len=10, tweak=None, **given):
     """A train.py-format checkpoint of an untrained learner."""
     n_x = image_size ** 2
-    mcfg = models.model_config(kind, n_x + 10, seq_len, **cfg)
+    sizes = models.learner_sizes(kind, n_x + 10, seq_len, **given)
     torch.manual_seed(0)
-    model = models.build(kind, n_x + 10, 10, **mcfg)
+    model = models.build(kind, n_x + 10, 10, **sizes)
     if tweak:
         tweak(model)
     torch.save(dict(model=model.state_dict(), optimizer=None, step=0, elapsed=0.0,
-                    config=dict(dataset="mnist", image_size=image_size, seq_len=seq_len),
-                    model_config=dict(kind=kind, n_in=n_x + 10, n_out=10, cfg=mcfg)), path)
+                    flags=dict(dataset="mnist", image_size=image_size, seq_len=seq_len),
+                    learner=dict(kind=kind, n_in=n_x + 10, n_out=10, sizes=sizes), format=3), path)
     return str(path)
 
 
