@@ -12,6 +12,7 @@ and train.py enters each piece by one named call:
 It imports nothing of the project (bench.py, metatest.py and experiments.py use it too).
 """
 import argparse
+import datetime
 import fcntl
 import json
 import math
@@ -23,7 +24,8 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -157,7 +159,7 @@ class Guard:
         self.saved = None  # the step of the checkpoint on disk, None while there is none
         self.out_dir = None
 
-    def start(self, args, ddp, master, ckpt=None):
+    def start(self, args, *, ddp, master, ckpt=None):
         """Where the run lives, and (resuming) what its checkpoint kept of the loss and clocks."""
         self.ddp, self.master, self.device, self.out_dir = ddp, master, args.device, args.out_dir
         self.time_budget = args.time_budget
@@ -288,14 +290,14 @@ CHECKPOINT_FORMAT = 3
 RESUMABLE_FORMATS = (2, 3)
 
 
-def open_run(parser, args, guard, learner, trains):
+def open_run(parser, args, guard, learner, *, master, trains):
     """Make and lock --out-dir; -> the checkpoint to continue (--resume), checked against this
     run (its learner, its meta-batches, and that it is a run, not weights only: `trains` says
     this learner has an optimizer to restore), or None for a new run. A folder that holds a run
     is never overwritten."""
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-        if guard.master:  # one run per folder; under torchrun rank 0 holds it for all
+        if master:  # one run per folder; under torchrun rank 0 holds it for all
             guard.held.enter_context(one_run_per_folder(parser, args.out_dir))
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
         parser.error(f"--out-dir {args.out_dir}: {getattr(e, 'strerror', None) or e}")
@@ -449,3 +451,46 @@ def one_run_per_folder(parser, out_dir):
         yield
     finally:
         f.close()  # releases the lock: an in-process caller may run again in this folder
+
+
+# -----------------------------------------------------------------------------
+# 4. The processes and the device (as nanoGPT: RANK set means one process per GPU, torchrun)
+
+@dataclass
+class Env:
+    """Where this process runs: its rank among `world` processes, its micro-batch size, and the
+    precision context of forward passes."""
+    ddp: bool
+    rank: int
+    world: int
+    micro: int
+    ctx: object
+
+    @property
+    def master(self):  # rank 0 logs, evaluates and checkpoints for all
+        return self.rank == 0
+
+
+def setup_processes(parser, args):
+    """One process, or one per GPU under torchrun (as nanoGPT: RANK set means DDP)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if args.device == "auto":
+        args.device = ("cuda" if torch.cuda.is_available() else
+                       "mps" if torch.backends.mps.is_available() else "cpu")
+    if ddp:
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+        # only rank 0 evaluates while the others wait in the next all-reduce: a long evaluation
+        # (VSML, MAML, large --eval-*) must not trip the default 10-minute collective timeout
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    check_device(parser, args.device)  # one line for a device torch cannot use
+    device_type = torch.device(args.device).type
+    if device_type == "cuda":  # TF32 matmuls and bf16 autocast: the fast path on recent GPUs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    micro = max(1, args.batch_size // (world * args.grad_accum))  # sequences per micro-step
+    return Env(ddp, rank, world, micro, ctx)

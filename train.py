@@ -26,14 +26,12 @@ gpicl.py evaluates the learner (seen and unseen tasks, beside 1-NN and SGD). The
 under torchrun, atomic checkpoints and their checks on resume) is harness.py, entered below by
 one named call each; none of it is needed to follow the lesson.
 """
-import datetime
 import json
 import math
 import os
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -59,10 +57,8 @@ def meta_train(argv, guard):
     args.ckpt_every = args.ckpt_every or args.eval_every
     if args.threads:
         torch.set_num_threads(args.threads)
-    ddp, rank, world, ctx = setup_processes(parser, args)
-    others = check_flags(parser, args, world)  # one line for flags that do not fit together
-    micro = args.batch_size // (world * args.grad_accum)  # sequences per process and micro-step
-    master = rank == 0  # rank 0 logs, evaluates and checkpoints for all
+    env = harness.setup_processes(parser, args)  # one process, or one per GPU under torchrun
+    others = check_flags(parser, args, env.world)  # one line for flags that do not fit together
 
     # --- the learner (models.py): by name, by its sizes, or by the size of its state
     n_in = args.channels * args.image_size ** 2 + data.NUM_CLASSES  # a token: x_t and y_{t-1}
@@ -84,8 +80,7 @@ def meta_train(argv, guard):
         args.steps = 0  # nothing to meta-train: evaluate it as it is
 
     # --- the run's folder, locked to this run; --resume continues its checkpoint exactly
-    guard.ddp, guard.master = ddp, master
-    ckpt = harness.open_run(parser, args, guard, learner, trains=optimizer is not None)
+    ckpt = harness.open_run(parser, args, guard, learner, master=env.master, trains=bool(params))
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -95,37 +90,49 @@ def meta_train(argv, guard):
                 group["eps"], group["eps_root"] = args.adam_eps, args.adam_eps_root
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
         step = ckpt["step"]
+    # the checkpoint: weights, optimizer, RNG, flags (harness.py: written atomically)
+    save = lambda step: harness.save_run(args, guard, step, model, optimizer, learner)
 
     # --- data and tasks: the base dataset's train split becomes tasks, test splits evaluate
     tasks, eval_sets = load_data(parser, args, others)
-    if master:
+    if env.master:
         harness.restart_log(args, step)  # keeps the records up to the checkpoint resumed
         print(preset_line(args, sizes, model.state_size(args.seq_len)))
-        print(f"device {args.device} | {world} process(es) x {args.grad_accum} accumulation "
-              f"steps x {micro} sequences = meta-batch {args.batch_size} | parameters "
+        print(f"device {args.device} | {env.world} process(es) x {args.grad_accum} accumulation "
+              f"steps x {env.micro} sequences = meta-batch {args.batch_size} | parameters "
               f"{models.num_params(model):,} | steps {step} -> {args.steps}")
-    guard.start(args, ddp, master, ckpt)
-    raw_model = model  # evaluated and checkpointed; `model` may be compiled and DDP-wrapped
-    if args.compile and params:
-        model = torch.compile(model)
-    if ddp and params:  # (sgd has no parameters: nothing to average)
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    evaluation = Evaluation(args, raw_model, eval_sets, ctx, guard)
+    evaluation = Evaluation(args, model, eval_sets, env.ctx, guard)
+    guard.start(args, ddp=env.ddp, master=env.master, ckpt=ckpt)  # the clocks and the loss
+    stopping, out_of_time, step = meta_train_loop(args, env, guard, model=model, optimizer=optimizer,
+                                                  tasks=tasks, evaluation=evaluation, step=step,
+                                                  save=save)
+    guard.exit_if_interrupted(stopping, step, args.steps)  # exit 130 / 143, --resume continues
+    if env.master:
+        finish(args, guard, evaluation, step, sizes=sizes, save=save, out_of_time=out_of_time)
+    guard.end()
 
-    # --- the loop: batch -> loss -> backward -> Adam's step, then log, evaluate and save
-    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+
+def meta_train_loop(args, env, guard, *, model, optimizer, tasks, evaluation, step, save):
+    """Minimise the meta-loss with Adam until --steps, a Ctrl-C or SIGTERM, or the
+    --time-budget. -> (stopping, out_of_time, the step reached)"""
+    raw_model = model  # evaluated and checkpointed; `model` may be compiled and DDP-wrapped
+    if args.compile and optimizer:
+        model = torch.compile(model)
+    if env.ddp and optimizer:  # (sgd has no parameters: nothing to average)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    bar = tqdm(total=args.steps, initial=step, disable=not env.master, dynamic_ncols=True)
     stopping = out_of_time = False
     while step < args.steps and not stopping and not out_of_time:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         for micro_step in range(args.grad_accum):  # micro-batches, their gradients summed
-            first = (micro_step * world + rank) * micro  # this process's place in the meta-batch
-            seq_index = torch.arange(first, first + micro, device=args.device)
+            first = (micro_step * env.world + env.rank) * env.micro  # its place in the meta-batch
+            seq_index = torch.arange(first, first + env.micro, device=args.device)
             x, y = get_batch(args, tasks, step=step, seq_index=seq_index)  # (B, T, N_x), (B, T)
             # DDP averages gradients over processes inside backward(); no_sync skips that for all
             # but the last micro-batch, so it happens once per step
             last_micro = micro_step == args.grad_accum - 1
-            with (model.no_sync() if ddp and not last_micro else nullcontext()), ctx:
+            with (model.no_sync() if env.ddp and not last_micro else nullcontext()), env.ctx:
                 logits = model(data.make_tokens(x, y))  # (B, T, 10): a prediction per position
                 # the meta-loss: cross-entropy at every position, averaged (paper section 2)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / args.grad_accum
@@ -142,22 +149,19 @@ def meta_train(argv, guard):
         stopping, out_of_time, record = guard.after_step(step, args, bar)
         if record:  # the mean loss since the last record (under torchrun: over the ranks)
             mean_loss = guard.mean_loss(step)
-            if master:
+            if env.master:
                 harness.log(args, dict(step=step, loss=mean_loss, lr=lr_at(step - 1, args),
                                        time=guard.elapsed))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", **evaluation.postfix())
         last = step == args.steps or (out_of_time and not stopping)
-        if master and (step % args.eval_every == 0 or last):  # rank 0 evaluates alone
+        if env.master and (step % args.eval_every == 0 or last):  # rank 0 evaluates alone
             evaluation.run(step, show=not last)  # the last table: finish() prints it
         if step % args.ckpt_every == 0 or last or stopping:
             guard.before_save()  # under torchrun: the running loss averaged over the ranks
-            if master:
-                harness.save_run(args, guard, step, raw_model, optimizer, learner)
+            if env.master:
+                save(step)
     bar.close()
-    guard.exit_if_interrupted(stopping, step, args.steps)  # exit 130 / 143, --resume continues
-    if master:
-        finish(args, guard, evaluation, step, raw_model, optimizer, learner, out_of_time)
-    guard.end()
+    return stopping, out_of_time, step
 
 
 # -----------------------------------------------------------------------------
@@ -270,17 +274,18 @@ class Evaluation:
         return {"unseen@last": f"{self.results[f'unseen {self.args.dataset}']['last']:.3f}"}
 
 
-def finish(args, guard, evaluation, step, model, optimizer, learner, out_of_time):
+def finish(args, guard, evaluation, step, *, sizes, save, out_of_time):
     """The last evaluation (unless the loop just made it), a checkpoint for a learner with
     nothing to train (sgd), and summary.json."""
     if evaluation.results is None:
         evaluation.run(step)
     if not os.path.exists(harness.ckpt_path(args)):
-        harness.save_run(args, guard, step, model, optimizer, learner)
+        save(step)
+    model = evaluation.model
     stopped_by = "time_budget" if out_of_time and step < args.steps else "steps"
     results = evaluation.results
     summary = dict(step=step, stopped_by=stopped_by, train_time_s=round(guard.elapsed, 1),
-                   model=args.model, sizes=learner["sizes"], parameters=models.num_params(model),
+                   model=args.model, sizes=sizes, parameters=models.num_params(model),
                    state_size=model.state_size(args.seq_len),
                    regime=gpicl.regime(results, args.dataset), results=gpicl.compact(results))
     harness.write_text(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=1))
@@ -289,33 +294,6 @@ def finish(args, guard, evaluation, step, model, optimizer, learner, out_of_time
     if stopped_by == "time_budget":
         print(f"stopped on the time budget ({args.time_budget:g} s) at step {step} of "
               f"{args.steps}; --resume continues to --steps")
-
-
-# -----------------------------------------------------------------------------
-# The processes and the device (as nanoGPT: RANK set means one process per GPU, torchrun)
-
-def setup_processes(parser, args):
-    """-> (ddp, rank, world, ctx): ctx is the precision context of forward passes."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    if args.device == "auto":
-        args.device = ("cuda" if torch.cuda.is_available() else
-                       "mps" if torch.backends.mps.is_available() else "cpu")
-    if ddp:
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
-        # only rank 0 evaluates while the others wait in the next all-reduce: a long evaluation
-        # (VSML, MAML, large --eval-*) must not trip the default 10-minute collective timeout
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    harness.check_device(parser, args.device)  # one line for a device torch cannot use
-    device_type = torch.device(args.device).type
-    if device_type == "cuda":  # TF32 matmuls and bf16 autocast: the fast path on recent GPUs
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-    return ddp, rank, world, ctx
 
 
 if __name__ == "__main__":
