@@ -261,7 +261,8 @@ def load_dataset(name, image_size, device="cpu", cache_dir=None, channels=1):
 # piece. A test pins the words to a plain-Python splitmix64.
 #
 # The mixer is a bijection of 64-bit words; int64 multiplication wraps modulo 2^64 on CPU and GPU
-# alike (the tests that pin the words to a plain-Python splitmix64 check it), and '>>' is arithmetic on int64, so each shift is masked to be logical.
+# alike (the pinned words would differ if it did not), and '>>' is arithmetic on int64, so each
+# shift is masked to be logical.
 
 GOLDEN = 0x9E3779B97F4A7C15 - 2 ** 64            # the odd constants, as signed int64
 C1, C2 = 0xBF58476D1CE4E5B9 - 2 ** 64, 0x94D049BB133111EB - 2 ** 64
