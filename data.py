@@ -11,10 +11,10 @@ The task id alone fixes A and rho, so `num_tasks` = 2^k is an exact knob (traini
 from [0, num_tasks); FRESH tasks are ids drawn from 62 random bits), and tasks that were never
 trained on are simply ids that training can never draw (we use negative ids).
 
-The chapter: 1. tasks, 2. sequences and the tokens a learner reads, 3. base datasets and their preprocessing; then the
-machinery, 4. the counter-based random numbers everything above draws from; and an appendix,
-the datasets that are downloaded on first use. Its functions import nothing else from the
-project (the fetch command line borrows harness.py's Parser, inside its own main()).
+The chapter: 1. tasks, 2. sequences and the tokens a learner reads, 3. base datasets and their
+preprocessing; then the machinery, 4. the counter-based random numbers everything above draws
+from; and an appendix, the datasets that are downloaded on first use. The chapter imports
+nothing else from the project (the fetch command line borrows harness.py's Parser when used).
 """
 import gzip
 import hashlib
@@ -487,9 +487,9 @@ def available(name, cache_dir=None):
 
 def get_parser():
     # The project's one Parser (one line per error, exit 2) lives with the rest of the run's
-    # safety in harness.py. It is imported here, when the command line is used, and not at the
-    # top: the chapter above (tasks, sequences, datasets) stays a file that imports nothing of
-    # ours, so it can be copied alone.
+    # safety in harness.py. It is imported here, when the command line is built, not at the top:
+    # the chapter above (tasks, sequences, datasets) imports nothing of ours and can be copied
+    # alone (without harness.py, only `python data.py fetch` stops working).
     from harness import Parser
     p = Parser(prog="data.py", description="Fetch the datasets that are not shipped.")
     p.add_argument("command", choices=["fetch"])

@@ -2,8 +2,9 @@
 Meta-testing a general-purpose in-context learner (paper sections 2 and 4): evaluation.
 
 A learner reads a sequence of examples from one task (data.make_tokens) and predicts each label
-before it sees it; train.py meta-trains it on the cross-entropy at every position. "After meta-training, the learner is able to learn new tasks in-context, without any gradient
-step": its accuracy on tasks it never saw rises along the sequence as it reads more examples.
+before it sees it; train.py meta-trains it on the cross-entropy at every position. "After
+meta-training, the learner is able to learn new tasks in-context, without any gradient step":
+its accuracy on tasks it never saw rises along the sequence as it reads more examples.
 `evaluate` measures exactly that, per position, on seen tasks, unseen tasks and unseen tasks of
 other datasets, beside 1-NN and SGD scored on the very same sequences (so a curve can be read
 against learners that need no meta-training), and `regime` names which of the paper's three
@@ -30,9 +31,9 @@ EVAL_SEED = 12345  # evaluation sequences are fixed, and never drawn in meta-tra
 
 def seen_task_ids(eval_tasks, num_tasks, device):
     """Ids 0 .. eval_tasks - 1 of the training range (as the authors' meta_test), each taken
-    modulo num_tasks: every training task in turn when there are fewer than eval_tasks. Training draws ids
-    uniformly, so these were trained on when num_tasks is small against the number of training
-    sequences; with more tasks (or data.FRESH ones) most were never drawn."""
+    modulo num_tasks: every training task in turn when there are fewer than eval_tasks. Training
+    draws ids uniformly, so these were trained on when num_tasks is small against the number of
+    training sequences; with more tasks (or data.FRESH ones) most were never drawn."""
     return torch.arange(eval_tasks, device=device) % num_tasks
 
 

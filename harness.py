@@ -166,7 +166,8 @@ class Guard:
         self.running = torch.tensor(0.0 if ckpt is None else ckpt["running_loss"], device=args.device)
         self.first_bad = torch.tensor(NO_STEP, device=args.device)
         if ckpt is not None:
-            self.saved, self.elapsed, self.last_logged = ckpt["step"], ckpt["elapsed"], ckpt["last_logged"]
+            self.saved, self.elapsed = ckpt["step"], ckpt["elapsed"]
+            self.last_logged = ckpt["last_logged"]
         self.t0 = time.time() - self.elapsed
         self.started = time.time()  # the --time-budget counts from here, in a resumed run too
 

@@ -49,7 +49,7 @@ def key_of(*parts):
     return key
 
 
-def test_counter_based_normals_match_a_plain_python_splitmix64():
+def test_random_normal_matches_a_plain_python_splitmix64():
     # the reference itself: splitmix64's published first outputs for seed 0, and two task words
     assert [splitmix64(0, i) for i in (1, 2, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4,
                                                      0x06C45D188009454F]
@@ -76,7 +76,7 @@ def test_counter_based_normals_match_a_plain_python_splitmix64():
         assert data.task_permutation(torch.tensor([task]))[0].tolist() == rho
 
 
-def test_meta_batches_match_a_plain_python_splitmix64():
+def test_sample_sequences_matches_a_plain_python_splitmix64():
     # which task (stream 4) and which examples (stream 3) each sequence gets, and the Random
     # dataset's images (stream 5), all from the literal reference above
     seed, step, n = 5, 9, 5
@@ -94,7 +94,7 @@ def test_meta_batches_match_a_plain_python_splitmix64():
         assert abs(pixels[i].item() - (u - 0.5) * math.sqrt(12)) < 1e-6
 
 
-def test_projection_entries_have_variance_one_over_n_x():
+def test_task_projection_entries_have_variance_one_over_n_x():
     for n_x in (49, 196):
         A = data.task_projection(torch.arange(64), n_x)                  # (64, N_x, N_x)
         assert A.shape == (64, n_x, n_x)
@@ -107,7 +107,7 @@ def test_projection_entries_have_variance_one_over_n_x():
         assert abs((z.abs() < 1).float().mean().item() - 0.6827) < 0.005
 
 
-def test_projection_is_dense_and_keeps_norms():
+def test_task_projection_is_dense_and_keeps_norms():
     n_x = 196
     A = data.task_projection(torch.tensor([7]), n_x)[0]
     assert (A != 0).all() and A.abs().std() > 0                         # dense, not a diagonal scaling
@@ -116,7 +116,7 @@ def test_projection_is_dense_and_keeps_norms():
     assert abs(ratio.mean().item() - 1) < 0.1                           # |Ax| ~ |x|
 
 
-def test_same_id_same_task_different_ids_differ():
+def test_apply_tasks_same_id_same_task_different_ids_differ():
     ids = torch.tensor([0, 1, 2, -1, -2, 2 ** 40, 123456789])
     A1, A2 = data.task_projection(ids, 49), data.task_projection(ids.clone(), 49)
     P1, P2 = data.task_permutation(ids), data.task_permutation(ids.clone())
@@ -127,7 +127,7 @@ def test_same_id_same_task_different_ids_differ():
     assert len({tuple(p.tolist()) for p in P1}) == len(ids)
 
 
-def test_tasks_do_not_depend_on_batch_layout():
+def test_apply_tasks_does_not_depend_on_batch_layout():
     ids = torch.tensor([5, -3, 17, 2 ** 33, 0, 99, 5])
     full = data.task_projection(ids, 196)
     parts = torch.cat([data.task_projection(ids[i:i + 3], 196) for i in range(0, len(ids), 3)])
@@ -137,7 +137,7 @@ def test_tasks_do_not_depend_on_batch_layout():
     assert torch.equal(data.task_permutation(ids), data.task_permutation(ids.flip(0)).flip(0))
 
 
-def test_labels_are_permuted_per_task_as_classes():
+def test_task_permutation_relabels_whole_classes_per_task():
     ids = torch.arange(2000)
     P = data.task_permutation(ids)                                       # (2000, 10)
     assert torch.equal(P.sort(1).values, torch.arange(10).expand(2000, 10))  # permutations
@@ -155,7 +155,7 @@ def test_labels_are_permuted_per_task_as_classes():
         assert torch.equal(y_task[b], rho[y[b]])
 
 
-def test_training_never_draws_unseen_ids_and_respects_num_tasks():
+def test_sample_sequences_never_draws_unseen_ids_and_respects_num_tasks():
     x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
     unseen = set(data.unseen_task_ids(64).tolist())
     for num_tasks in (1, 16, 1000, data.FRESH):
@@ -179,7 +179,7 @@ def test_identity_task_is_the_base_dataset_as_it_is():
     assert not torch.allclose(x_t[1], x[1])
 
 
-def test_random_dataset_draws_new_images_for_every_task():
+def test_random_images_are_new_for_every_task():
     x_all, y_all = data.load_dataset("random", 7)["train"]
     imgs = x_all.images(torch.tensor([3, 3, 4]))                          # (3, 10, 49)
     assert imgs.shape == (3, 10, 49) and torch.equal(imgs[0], imgs[1])
@@ -193,7 +193,7 @@ def test_random_dataset_draws_new_images_for_every_task():
 # -----------------------------------------------------------------------------
 # 2. Sequences: the meta-batch's task slots, the bias, the examples (data.py)
 
-def test_bias_keeps_identity_labels_on_exactly_the_biased_slots_with_random_projections():
+def test_sample_sequences_bias_keeps_identity_labels_on_exactly_the_biased_slots():
     # 40 sequences in 20 slots of 2; bias 0.25: slots 0-4 (sequences 0-9) keep the labels as
     # they are; their projections are still their tasks' random ones
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
@@ -209,7 +209,7 @@ def test_bias_keeps_identity_labels_on_exactly_the_biased_slots_with_random_proj
         assert len(set(ids1[:10].tolist())) == 5                              # 5 random tasks
 
 
-def test_bias_task_puts_the_last_slots_on_task_zero():
+def test_sample_sequences_bias_task_puts_the_last_slots_on_task_zero():
     x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
     for step in range(5):
         ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, data.FRESH,
@@ -217,7 +217,7 @@ def test_bias_task_puts_the_last_slots_on_task_zero():
         assert (ids[30:] == 0).all() and (ids[:30] != 0).all()
 
 
-def test_sequences_of_one_slot_share_a_task_and_slots_differ():
+def test_sample_sequences_of_one_slot_share_a_task_and_slots_differ():
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
     x, y, ids = data.sample_sequences(x_all, y_all, 1, 2, torch.arange(32), 20, data.FRESH,
                                       batch_size=32, seqs_per_task=8)
@@ -225,7 +225,7 @@ def test_sequences_of_one_slot_share_a_task_and_slots_differ():
     assert not torch.equal(x[0], x[1])                     # the same task, other examples
 
 
-def test_no_example_repeats_within_a_sequence():
+def test_draw_examples_never_repeats_within_a_sequence():
     x_all, y_all = torch.randn(1000, 8), torch.randint(0, 10, (1000,))
     for step in range(5):
         x = data.sample_sequences(x_all, y_all, 0, step, torch.arange(64), 100, data.FRESH)[0]
@@ -235,7 +235,7 @@ def test_no_example_repeats_within_a_sequence():
     assert all(len(set(row)) == 100 for row in idx.tolist()) and idx.max() < 60000
 
 
-def test_sequences_do_not_depend_on_how_the_batch_is_split():
+def test_sample_sequences_does_not_depend_on_how_the_batch_is_split():
     d = {"x": torch.randn(100, 9), "y": torch.randint(0, 10, (100,))}
     whole = data.sample_sequences(d["x"], d["y"], 3, 7, torch.arange(8), 12, 2 ** 10)
     halves = [data.sample_sequences(d["x"], d["y"], 3, 7, torch.arange(4) + k, 12, 2 ** 10)
@@ -246,14 +246,14 @@ def test_sequences_do_not_depend_on_how_the_batch_is_split():
     assert not torch.equal(whole[1], other_step[1])
 
 
-def test_channels_3_tiles_grayscale_as_the_authors_channel_expand():
+def test_to_inputs_channels_3_tiles_grayscale_as_the_authors_channel_expand():
     gray = np.random.default_rng(0).integers(0, 256, (5, 8, 8)).astype(np.uint8)
     x3 = data.to_inputs(gray, 8, (0.0, 1.0), channels=3)[0].view(5, 8, 8, 3)
     assert torch.equal(x3[..., 0], x3[..., 1]) and torch.equal(x3[..., 0], x3[..., 2])
     assert torch.equal(x3[..., 0].flatten(1), data.to_inputs(gray, 8, (0.0, 1.0))[0])
 
 
-def test_preprocessing_z_normalises_with_training_statistics():
+def test_load_dataset_z_normalises_with_training_statistics():
     d = data.load_dataset("mnist", 14)
     x_train, y_train = d["train"]
     assert x_train.shape == (60000, 196) and d["test"][0].shape == (10000, 196)
@@ -271,7 +271,7 @@ def test_preprocessing_z_normalises_with_training_statistics():
 # -----------------------------------------------------------------------------
 # 3. Tokens: [A x_t ; onehot(y_{t-1})] (data.make_tokens)
 
-def test_tokens_carry_the_previous_label_and_zeros_first():
+def test_make_tokens_carry_the_previous_label_and_zeros_first():
     x = torch.randn(2, 5, 3)
     y = torch.tensor([[4, 1, 9, 0, 2], [0, 0, 3, 3, 7]])
     tok = data.make_tokens(x, y)
@@ -288,7 +288,7 @@ def test_tokens_carry_the_previous_label_and_zeros_first():
 # 4. Causality: the output at t depends on tokens 0..t only (models.py)
 
 @pytest.mark.parametrize("kind", kinds("lstm", "fwm", "vsml"))  # recurrences step by step
-def test_no_position_sees_its_own_label_or_the_future(kind):
+def test_every_learner_is_causal_no_position_sees_its_own_label_or_the_future(kind):
     T, n_x = 12, 6
     model = small(kind, T, n_x)
     x, y = torch.randn(3, T, n_x), torch.randint(0, 10, (3, T))
@@ -306,7 +306,7 @@ def test_no_position_sees_its_own_label_or_the_future(kind):
 
 
 @pytest.mark.parametrize("width", [1, 2, 3])
-def test_narrow_transformers_build_and_stay_causal(width):
+def test_transformer_of_width_1_to_3_builds_and_stays_causal(width):
     T = 8
     sizes = models.learner_sizes("transformer", 16, T, width=width, n_layer=2)
     torch.manual_seed(0)
@@ -377,7 +377,7 @@ def test_transformer_state_is_the_kv_cache_attention_reads_whatever_the_width(mo
         assert read == model.state_size(T) == 2 * 2 * T * 3 * 5   # keys and values: not the width
 
 
-def test_state_size_flag_picks_the_size_or_names_the_nearest():
+def test_learner_sizes_solves_for_a_state_size_or_names_the_nearest():
     assert models.learner_sizes("lstm", 206, 100, state_size=1024)["width"] == 512
     sizes = models.learner_sizes("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
     assert sizes["key_size"] == 32 and sizes["width"] == 512                 # the width stays
@@ -405,7 +405,7 @@ def test_learner_sizes_rejects_what_a_learner_would_ignore(kind, sizes, match):
     assert "\n" not in str(e.value)
 
 
-def test_lstm_gates_start_as_haikus():
+def test_haiku_lstm_init_starts_the_gates_as_haikus():
     for lstm in (small("lstm").lstm, small("fwm").lstm, small("vsml").cell):
         h = lstm.hidden_size
         for name, p in lstm.named_parameters():
@@ -425,14 +425,14 @@ def test_lstm_gates_start_as_haikus():
     assert lin.weight.abs().max() <= 2 * lin.in_features ** -0.5 + 1e-7
 
 
-def test_sgd_baseline_does_not_depend_on_the_batch_layout():
+def test_sgd_learner_does_not_depend_on_the_batch_layout():
     model = models.build("sgd", 26, 10, **models.learner_sizes("sgd", 26, 10)).eval()
     tokens = torch.randn(8, 10, 26)
     whole = model(tokens)                                                # (8, 10, 10)
     assert torch.equal(whole[:1], model(tokens[:1])) and torch.equal(whole[3:5], model(tokens[3:5]))
 
 
-def test_sgd_gives_each_sequence_its_own_init_from_its_content():
+def test_sgd_learner_gives_each_sequence_its_own_init_from_its_content():
     model = models.build("sgd", 26, 10, **models.learner_sizes("sgd", 26, 10)).eval()
     tokens = torch.randn(3, 10, 26)
     tokens[1] = tokens[0]                                                # same content, twice
@@ -452,7 +452,7 @@ def test_sgd_gives_each_sequence_its_own_init_from_its_content():
 # -----------------------------------------------------------------------------
 # 6. The loss's optimizer: the authors' Adam (train.py)
 
-def test_adam_matches_optax_formula_with_eps_root():
+def test_train_adam_matches_optax_formula_with_eps_root():
     # two steps by hand: update = lr * m_hat / (sqrt(v_hat + eps_root) + eps)
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3e-5]))
     grads = [torch.tensor([0.5, -1e-4, 2e-6]), torch.tensor([0.1, 3e-4, -1e-6])]
@@ -477,7 +477,7 @@ def test_adam_matches_optax_formula_with_eps_root():
 # -----------------------------------------------------------------------------
 # 7. Evaluation: learning curves, intervals over tasks, regimes, baselines (gpicl.py)
 
-def test_summary_statistics():
+def test_summarize_gives_the_curve_first_last_and_improvement():
     correct = torch.zeros(400, 5, dtype=torch.bool)
     correct[:100, 0] = True                                             # 25% at the start
     correct[:300, -1] = True                                            # 75% at the end
@@ -489,7 +489,7 @@ def test_summary_statistics():
     assert 0 < s["improvement_ci"] < 0.1
 
 
-def test_one_training_task_is_evaluated_over_its_sequences():
+def test_seen_task_ids_and_summarize_with_one_training_task():
     # with num_tasks 1 the seen set is that task; the interval is over its sequences (no NaN),
     # so "task memorisation" can be recognised
     ids = gpicl.seen_task_ids(32, 1, "cpu")
@@ -503,7 +503,7 @@ def test_one_training_task_is_evaluated_over_its_sequences():
     assert gpicl.regime(res) == "task memorisation"
 
 
-def test_confidence_intervals_are_over_tasks_not_sequences():
+def test_summarize_takes_intervals_over_tasks_not_sequences():
     # 4 tasks x 100 sequences: two tasks always right at the end, two never. Over 400
     # "independent" sequences the interval would be +-0.05; over 4 tasks it is +-0.57.
     correct = torch.zeros(400, 5, dtype=torch.bool)
@@ -515,7 +515,7 @@ def test_confidence_intervals_are_over_tasks_not_sequences():
     assert abs(s["improvement_ci"] - s["last_ci"]) < 1e-6                 # first is all wrong
 
 
-def test_regimes_follow_seen_and_unseen_improvement():
+def test_regime_follows_seen_and_unseen_improvement():
     r = lambda imp: {"improvement": imp, "improvement_ci": 0.02}
     assert gpicl.regime({"seen mnist": r(0.0), "unseen mnist": r(0.0)}) == "instance memorisation"
     assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.01)}) == "task memorisation"
@@ -543,7 +543,7 @@ def recording(predict, seen):
     return baseline
 
 
-def test_baselines_read_the_very_sequences_the_learner_reads():
+def test_evaluate_gives_the_baselines_the_very_sequences_the_learner_reads():
     torch.manual_seed(0)
     x_all, y_all = torch.randn(40, 4), torch.randint(0, 10, (40,))
     task_ids = data.unseen_task_ids(3).repeat_interleave(4)             # 3 tasks x 4 sequences
@@ -573,7 +573,7 @@ def test_baselines_read_the_very_sequences_the_learner_reads():
                                              baselines=False)["s"]
 
 
-def test_baseline_nn_predicts_the_label_of_the_nearest_earlier_example():
+def test_nearest_neighbour_predicts_the_label_of_the_nearest_earlier_example():
     # 2-D points, worked by hand. Sequence 0: position 2 is as far from 0 as from 1 (a tie:
     # the earliest wins); position 3 repeats position 1; position 4 is nearest to position 2.
     x = torch.tensor([[[0., 0], [4, 0], [2, 0], [4, 0], [2, 1]],
@@ -591,7 +591,7 @@ def test_baseline_nn_predicts_the_label_of_the_nearest_earlier_example():
     assert torch.equal(gpicl.nearest_neighbour(x2, y2)[:, :4], pred[:, :4])
 
 
-def test_summary_compact_keeps_accuracy_at_fixed_examples():
+def test_compact_keeps_accuracy_at_fixed_examples():
     s = gpicl.summarize(torch.arange(120)[None].repeat(10, 1) < torch.arange(10)[:, None] * 12)
     r = gpicl.compact({"a": dict(s, baselines={"1-NN": s})})["a"]
     assert r["acc_at"] == {"1": 0.9, "5": 0.9, "10": 0.9, "20": 0.8, "50": 0.5, "100": 0.1}
@@ -599,7 +599,7 @@ def test_summary_compact_keeps_accuracy_at_fixed_examples():
 
 
 @pytest.mark.slow
-def test_baselines_appear_in_the_table_log_and_summary_and_the_flag_removes_them(tmp_path, capsys):
+def test_train_shows_the_baselines_in_table_log_and_summary_and_the_flag_removes_them(tmp_path, capsys):
     flags = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "3",
              "--seq-len", "4", "--eval-datasets", "", "--eval-tasks", "2", "--eval-seqs", "3",
              "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--log-every", "1"]
@@ -630,7 +630,7 @@ def test_baselines_appear_in_the_table_log_and_summary_and_the_flag_removes_them
 # 8. In-context learning: meta-training learns it; a trained learner on your own data (metatest.py)
 
 @pytest.mark.slow
-def test_meta_training_learns_in_context_on_unseen_tasks(tmp_path):
+def test_train_meta_learns_in_context_on_unseen_tasks(tmp_path):
     # The Random dataset is pure in-context lookup: 10 noise images, one per label, and a task
     # projects them and permutes the labels. Fresh tasks every sequence, so nothing can be
     # memorised: accuracy on unseen tasks can only rise along the sequence by learning in context.
@@ -652,7 +652,7 @@ def test_meta_training_learns_in_context_on_unseen_tasks(tmp_path):
 
 
 @pytest.mark.parametrize("labels", [[3, 7, 11], ["cat", "dog", "emu"]])
-def test_fit_predict_round_trip_in_the_users_labels(trained, labels):
+def test_in_context_classifier_fit_predict_round_trip_in_the_users_labels(trained, labels):
     X, y = blobs(labels, 40)
     trained.fit(X[:60], y[:60])
     pred, proba = trained.predict(X[60:]), trained.predict_proba(X[60:])
@@ -664,7 +664,7 @@ def test_fit_predict_round_trip_in_the_users_labels(trained, labels):
     assert np.mean(pred == y[60:]) > 0.8
 
 
-def test_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
+def test_in_context_classifier_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
     X, y = blobs([0, 1, 2, 3], 30, seed=1)
     trained.fit(X[:80], y[:80])
     q = X[80:]
@@ -686,13 +686,13 @@ def test_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
     ((np.zeros((5, 2)), [0, 1, 0]), "one label per row"),
     (([["a", "b"], ["c", "d"]], [0, 1]), "numbers only"),
 ])
-def test_bad_context_is_one_clear_error(trained, fit_args, match):
+def test_in_context_classifier_bad_context_is_one_clear_error(trained, fit_args, match):
     with pytest.raises(ValueError, match=match) as e:
         metatest.InContextClassifier(TRAINED, members=1).fit(*fit_args)
     assert "\n" not in str(e.value)
 
 
-def test_bad_queries_are_one_clear_error(trained):
+def test_in_context_classifier_bad_queries_are_one_clear_error(trained):
     fresh = metatest.InContextClassifier(TRAINED, members=1)
     with pytest.raises(ValueError, match="before predict"):
         fresh.predict(np.zeros((2, 3)))
@@ -703,7 +703,7 @@ def test_bad_queries_are_one_clear_error(trained):
         fresh.predict_proba(np.array([[0, np.nan, 0]]))
 
 
-def test_long_context_is_split_into_chunks_that_fit_and_all_count(tmp_path, monkeypatch):
+def test_in_context_classifier_splits_a_long_context_into_chunks_that_fit(tmp_path, monkeypatch):
     path = tiny_checkpoint(tmp_path / "t.pt", seq_len=10, width=16, n_layer=1, n_head=2)
     seen = []
     real = metatest.last_position_logits
@@ -717,7 +717,7 @@ def test_long_context_is_split_into_chunks_that_fit_and_all_count(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(tmp_path):
+def test_in_context_classifier_trained_learns_uci_digits_and_a_random_one_not(tmp_path):
     # 99 context rows, 300 queries. Chance is 0.1: a learner at chance exceeds 0.2 with
     # probability < 1e-9 (binomial, n = 300); the demo learner scores ~0.55 here.
     torch.set_num_threads(1)
@@ -731,7 +731,7 @@ def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(
     assert acc["untrained"] < 0.2 < 0.35 < acc["trained"], acc
 
 
-def test_baselines_learn_separable_classes():
+def test_knn_and_logreg_baselines_learn_separable_classes():
     X, y = blobs([0, 1, 2], 40, seed=2)
     X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y.astype(int))
     assert torch.equal(metatest.knn_predict(X, y, X, k=1), y)           # each row is its own neighbour
