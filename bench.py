@@ -217,7 +217,8 @@ def bench(argv):
     x_train, y_train = mnist_train(args.image_size, args.device)  # (N, N_x), (N,)
     torch.manual_seed(seed)
     ours = models.build("transformer", n_in, data.NUM_CLASSES, **sizes).to(args.device)
-    ref = Reference(n_in, data.NUM_CLASSES, T, args.width, args.n_layer, args.n_head)
+    ref = Reference(n_in, data.NUM_CLASSES, T, width=args.width, n_layer=args.n_layer,
+                    n_head=args.n_head)
     ref = ref.copy_from(ours).to(args.device)
     # (B, T, N_x), (B, T)
     batches = [data.sample_sequences(x_train, y_train, seed=seed, step=s,
@@ -270,7 +271,8 @@ def bench(argv):
         # (B, T, N_x), (B, T), (B,)
         raw.append((x_train[idx], y_train[idx], ids))
     seq_index = torch.arange(B, device=args.device)
-    sample = lambda i: data.sample_sequences(x_train, y_train, seed, i, seq_index, T, args.num_tasks)
+    sample = lambda i: data.sample_sequences(x_train, y_train, seed=seed, step=i, seq_index=seq_index,
+                                             seq_len=T, num_tasks=args.num_tasks)
     tasks, task_times = timed({"ours_sample_sequences": sample,
                                "ours_apply_tasks": lambda i: data.apply_tasks(*raw[i % len(raw)]),
                                "ref_per_sequence": lambda i: reference_tasks(*raw[i % len(raw)],
@@ -532,7 +534,7 @@ def suite(argv):
     signal.signal(signal.SIGTERM, interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="gpicl-suite-") as work:
-            eager = bench_stage(stages, "bench eager", grid_of(False), work, 90)  # cheap, first
+            eager = bench_stage(stages, "bench eager", grid_of(False), work, limit=90)  # cheap, first
             run_argv, records, summary, ckpt = train_stage(stages, args, train_argv, work)
             if os.path.exists(ckpt):
                 stages.run("table1", [sys.executable, os.path.join(HERE, "metatest.py"),
@@ -542,7 +544,8 @@ def suite(argv):
             else:
                 stages.report["table1"] = dict(status="skipped: no checkpoint", seconds=0.0)
             # on a CPU compiling takes minutes: the dry run checks this stage's plumbing only
-            compiled = bench_stage(stages, "bench compiled", grid_of(True), work, stages.left() - 5,
+            compiled = bench_stage(stages, "bench compiled", grid_of(True), work,
+                                   limit=stages.left() - 5,
                                    env=dict(TORCH_COMPILE_DISABLE="1") if args.dry_run else None)
     except KeyboardInterrupt:
         stages.say(f"\ninterrupted; what the stages printed is in {stages.log_path}")

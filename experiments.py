@@ -269,7 +269,7 @@ def run_all(items, jobs=1, inprocess=False):
         name, scale, out, runs_dir, params, flags, stop = it
         rid, t0 = run_id(params), time.time()
         part = run_one(params, flags, os.path.join(runs_dir, rid.replace("=", "_").replace(",", "__")),
-                       stop, inprocess)
+                       stop=stop, inprocess=inprocess)
         rec = dict(id=rid, experiment=name, scale=scale, params=params, flags=flags, **part,
                    wall_s=round(time.time() - t0, 1))
         with lock:

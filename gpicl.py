@@ -58,8 +58,8 @@ def eval_batches(x_all, y_all, task_ids, seq_len, batch_size=256):
     y (b, T)). Sequence i is the same however the set is batched (data.task_sequences)."""
     for i in range(0, len(task_ids), batch_size):
         seq_index = torch.arange(i, min(i + batch_size, len(task_ids)), device=task_ids.device)
-        yield seq_index, *data.task_sequences(x_all, y_all, task_ids[seq_index], seq_len,
-                                              seq_index, EVAL_SEED)
+        yield seq_index, *data.task_sequences(x_all, y_all, task_ids[seq_index], seq_len=seq_len,
+                                              seq_index=seq_index, seed=EVAL_SEED)
 
 
 def learner_predict(model, x, y, ctx=None):
@@ -209,7 +209,8 @@ def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx,
         correct[b].append(runs[b][0](x, y) == y)                          # (b, T)
         waiting[b] = []
 
-    for seq_index, x, y in eval_batches(x_all, y_all, task_ids, seq_len, batch_size):
+    for seq_index, x, y in eval_batches(x_all, y_all, task_ids, seq_len=seq_len,
+                                        batch_size=batch_size):
         correct["learner"].append(learner_predict(model, x, y, ctx) == y)   # (b, T)
         for b, (_, keep) in runs.items():
             keep = keep[seq_index]                                        # (b,)

@@ -494,4 +494,4 @@ def setup_processes(parser, args):
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     micro = max(1, args.batch_size // (world * args.grad_accum))  # sequences per micro-step
-    return Env(ddp, rank, world, micro, ctx)
+    return Env(ddp=ddp, rank=rank, world=world, micro=micro, ctx=ctx)

@@ -134,7 +134,7 @@ class InContextClassifier:
             x_c, x_p = self.x_ctx @ P, x_q @ P                                # (n, N_x), (Q, N_x)
             for idx in torch.tensor_split(order, chunks):
                 logits = last_position_logits(self.model, x_c[idx], rho[self.y_ctx[idx]], x_p,
-                                              self.batch_size)               # (Q, 10)
+                                              batch_size=self.batch_size)    # (Q, 10)
                 proba += logits[:, rho].softmax(-1)                          # (Q, k)
         return (proba / (self.members * chunks)).cpu().numpy()
 
@@ -187,7 +187,8 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
     X = images.reshape(len(y), -1) * 16                              # (1797, 64) values 0..16
     model, ckpt = gpicl.load_learner(checkpoint, device)
     tasks = data.unseen_task_ids(splits * members).view(splits, members)
-    classifiers = {(norm, m): InContextClassifier(checkpoint, device, 0, m, norm)
+    classifiers = {(norm, m): InContextClassifier(checkpoint, device=device, seed=0, members=m,
+                                                    normalize=norm)
                    for norm, m in (("column", 1), ("column", members), ("global", members))}
     acc = {}
     add = lambda name, pred: acc.setdefault(name, []).append((pred.cpu() == y[q]).float().mean().item())
@@ -317,7 +318,8 @@ def read_table(path, label, columns=None):
 def run_csv(args):
     names, X, y = read_table(args.train, args.label)
     _, X_test, y_test = read_table(args.test, args.label, names)
-    clf = InContextClassifier(args.ckpt, args.device, args.seed, args.members, args.normalize)
+    clf = InContextClassifier(args.ckpt, device=args.device, seed=args.seed, members=args.members,
+                              normalize=args.normalize)
     clf.fit(X, y)
     proba = clf.predict_proba(X_test)
     pred = clf.classes_[proba.argmax(1)]
@@ -396,8 +398,9 @@ def meta_test(argv):
         elif args.command == "uci":
             if args.context < 2 or args.context + args.queries > 1797:
                 p.error("--context must be >= 2 and --context + --queries <= 1797 (UCI digits' rows)")
-            res = compare_on_uci_digits(args.ckpt, args.splits, args.context, args.queries,
-                                        args.members, device=args.device)
+            res = compare_on_uci_digits(args.ckpt, splits=args.splits, n_context=args.context,
+                                        n_queries=args.queries, members=args.members,
+                                        device=args.device)
             print(f"UCI digits, {args.context} context rows, {args.queries} queries, "
                   f"{args.splits} splits")
             for name, (m, ci) in res.items():

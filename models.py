@@ -513,7 +513,7 @@ class GradientLearner(Learner):
                     logp = torch.log_softmax(self.mlp(w, x[:, t - 1]), -1)
                     loss = -(logp * y_prev[:, t]).sum()              # sum: each sequence its own
                     g = torch.autograd.grad(loss, w, create_graph=second_order)
-                    w, m, v = adam_step(w, g, m, v, t, self.lr)
+                    w, m, v = adam_step(w, g, m, v, t=t, lr=self.lr)
                 outs.append(self.mlp(w, x[:, t]))
         return torch.stack(outs, 1), [p.reshape(B, -1) for p in (*w, *m, *v)]
 

@@ -708,7 +708,7 @@ def test_in_context_classifier_splits_a_long_context_into_chunks_that_fit(tmp_pa
     seen = []
     real = metatest.last_position_logits
     monkeypatch.setattr(metatest, "last_position_logits",
-                        lambda m, xc, yc, xq, bs: seen.append(len(yc)) or real(m, xc, yc, xq, bs))
+                        lambda m, xc, yc, xq, **kw: seen.append(len(yc)) or real(m, xc, yc, xq, **kw))
     X = np.random.default_rng(0).normal(size=(25, 6))
     clf = metatest.InContextClassifier(path, members=2).fit(X, np.arange(25) % 3)
     proba = clf.predict_proba(X[:4])

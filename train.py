@@ -91,7 +91,8 @@ def meta_train(argv, guard):
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
         step = ckpt["step"]
     # the checkpoint: weights, optimizer, RNG, flags (harness.py: written atomically)
-    save = lambda step: harness.save_run(args, guard, step, model, optimizer, learner)
+    save = lambda step: harness.save_run(args, guard, step, model=model, optimizer=optimizer,
+                                         learner=learner)
 
     # --- data and tasks: the base dataset's train split becomes tasks, test splits evaluate
     tasks, eval_sets = load_data(parser, args, others)
@@ -101,7 +102,7 @@ def meta_train(argv, guard):
         print(f"device {args.device} | {env.world} process(es) x {args.grad_accum} accumulation "
               f"steps x {env.micro} sequences = meta-batch {args.batch_size} | parameters "
               f"{models.num_params(model):,} | steps {step} -> {args.steps}")
-    evaluation = Evaluation(args, model, eval_sets, env.ctx, guard)
+    evaluation = Evaluation(args, model, eval_sets, ctx=env.ctx, guard=guard)
     guard.start(args, ddp=env.ddp, master=env.master, ckpt=ckpt)  # the clocks and the loss
     stopping, out_of_time, step = meta_train_loop(args, env, guard, model=model, optimizer=optimizer,
                                                   tasks=tasks, evaluation=evaluation, step=step,
