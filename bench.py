@@ -305,7 +305,7 @@ def bench(argv):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if not cuda:
         print(f"peak RSS of the whole process (both models, data): {rss:.0f} MiB")
-    result = dict(config=dict(vars(args), batch_size=B, n_x=n_x, params=models.num_params(ours),
+    result = dict(flags=dict(vars(args), batch_size=B, n_x=n_x, params=models.num_params(ours),
                               threads=torch.get_num_threads(), torch=torch.__version__),
                   max_abs_logit_diff=same, step=step, step_ratio=step_ratio, tasks_ms=tasks,
                   task_ratio=task_ratio, task_share=share,

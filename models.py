@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 class Learner(nn.Module):
     """The interface every learner shares. A learner implements run(tokens) -> (logits, the
-    tensors it carries from step to step) and state_size_of(**config) -> their size.
+    tensors it carries from step to step) and state_size_of(**sizes) -> their size.
     `defaults` names the sizes the learner takes; `sized_by` is the one --state-size solves for."""
     defaults = {}
     sized_by = "width"

@@ -627,7 +627,7 @@ def test_bench_runs_and_reports_consistent_numbers(tmp_path):
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert p.returncode == 0, p.stderr
     r = json.load(open(out))
-    assert r["config"]["batch_size"] == 4 and r["config"]["n_x"] == 49
+    assert r["flags"]["batch_size"] == 4 and r["flags"]["n_x"] == 49
     assert r["max_abs_logit_diff"] < 1e-5          # the reference is the same network, same weights
     for name in ("ours", "ref"):
         s = r["step"][name]
@@ -715,8 +715,8 @@ def test_gpu_suite_dry_run_writes_its_files_and_numbers_that_agree(tmp_path):
     assert sorted((x["width"], x["batch_size"], x["compiled"]) for x in b["runs"]) == \
         sorted((w, n, c) for w in (16, 32) for n in (4, 8) for c in (False, True))
     for x in b["runs"]:
-        cfg = x["full"]["config"]
-        assert (cfg["width"], cfg["batch_size"], cfg["compile"]) == \
+        flags = x["full"]["flags"]
+        assert (flags["width"], flags["batch_size"], flags["compile"]) == \
             (x["width"], x["batch_size"], x["compiled"])
         assert x["ours_ms"] > 0 and x["ref_ms"] > 0 and x["step_ratio"] > 0 and x["task_ratio"] > 0
         assert x["ours_tok_per_s"] == pytest.approx(x["batch_size"] * 10 / (x["ours_ms"] / 1e3))
