@@ -13,8 +13,10 @@ summary.json. `--resume` continues a run exactly where its last checkpoint left 
 meta-batch of step s is a pure function of (seed, s), so the losses are the ones an
 uninterrupted run would have had.
 
-Read it top to bottom: configuration, data and tasks, the learner, the optimizer, the loop,
-evaluation and checkpoint. From a task id to a parameter update the data passes three files:
+Read it top to bottom: meta_train (configuration, the learner, the optimizer, the run's folder
+and its resume, data and tasks), meta_train_loop (batch -> loss -> backward -> step, then
+evaluate and save), then what they call: get_batch, Adam, the evaluation and the summary.
+From a task id to a parameter update the data passes three files:
 
     data.py     sample_sequences: task id -> projection A and label permutation rho -> a
                 sequence of (A x_t, rho(y_t)); make_tokens: [A x_t ; onehot(rho(y_{t-1}))]
