@@ -118,7 +118,7 @@ def meta_train(argv, guard):
 def meta_train_loop(args, env, guard, *, model, optimizer, tasks, evaluation, step, save):
     """Minimise the meta-loss with Adam until --steps, a Ctrl-C or SIGTERM, or the
     --time-budget. -> (stopping, out_of_time, the step reached)"""
-    raw_model = model  # evaluated and checkpointed; `model` may be compiled and DDP-wrapped
+    # the loop may call a compiled and DDP-wrapped model; evaluation and save keep the plain one
     if args.compile and optimizer:
         model = torch.compile(model)
     if env.ddp and optimizer:  # (sgd has no parameters: nothing to average)
