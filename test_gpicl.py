@@ -21,7 +21,7 @@ import gpicl
 import metatest
 import models
 import train
-from conftest import run_train, kinds, small, TRAINED, tiny_checkpoint, blobs, uci_split
+from conftest import TINY, TRAINED, blobs, kinds, run_train, small, tiny_checkpoint, uci_split
 
 
 # -----------------------------------------------------------------------------
@@ -450,7 +450,29 @@ def test_sgd_learner_gives_each_sequence_its_own_init_from_its_content():
 
 
 # -----------------------------------------------------------------------------
-# 6. The loss's optimizer: the authors' Adam (train.py)
+# 6. The loss, and its optimizer: the authors' Adam (train.py)
+
+def test_train_minimises_the_cross_entropy_at_every_position_of_the_meta_batch(tmp_path):
+    argv = [*TINY, "--steps", "1", "--log-every", "1", "--eval-every", "1000", "--baselines", "off",
+            "--out-dir", str(tmp_path / "r")]
+    train.main(argv)
+    logged = next(r["loss"] for r in map(json.loads, open(tmp_path / "r" / "log.jsonl")) if "loss" in r)
+    # by hand: the same learner at its init, on step 0's meta-batch, -log p(y_t) averaged over t
+    parser = configurator.get_parser()
+    args = parser.parse_args(argv)
+    configurator.apply_preset(args)
+    args.device = "cpu"
+    tasks, _ = train.load_data(parser, args, [])
+    x, y = train.get_batch(args, tasks, step=0, seq_index=torch.arange(args.batch_size))
+    n_in = x.shape[-1] + 10
+    torch.manual_seed(args.seed)
+    model = models.build("transformer", n_in, 10, **models.learner_sizes(
+        "transformer", n_in, args.seq_len, width=16, n_layer=1, n_head=2))
+    with torch.no_grad():
+        logp = model(data.make_tokens(x, y)).log_softmax(-1)                # (B, T, 10)
+    by_hand = -logp.gather(-1, y[..., None]).mean().item()             # every position counts
+    assert logged == pytest.approx(by_hand, rel=1e-5)
+
 
 def test_train_adam_matches_optax_formula_with_eps_root():
     # two steps by hand: update = lr * m_hat / (sqrt(v_hat + eps_root) + eps)

@@ -38,7 +38,7 @@ import harness
 import metatest
 import models
 import train
-from conftest import HERE, PY, TINY, run_train, TRAINED, tiny_checkpoint, blobs
+from conftest import HERE, PY, TINY, TRAINED, blobs, run_train, tiny_checkpoint
 
 
 # -----------------------------------------------------------------------------
