@@ -66,15 +66,15 @@ from contextlib import nullcontext, suppress
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import configurator
 import data
-import gpicl
 import models
-from configurator import (MAX_TASKS, Parser, check_device, check_out_file, duration,
-                          image_size_int, layer_count, nonneg_int, positive_float, positive_int,
-                          thread_count, typed)
-from train import out_of_memory_in_one_line
+from configurator import MAX_TASKS
+from harness import (Parser, check_device, check_out_file, duration, image_size_int, layer_count,
+                     nonneg_int, out_of_memory_in_one_line, positive_float, positive_int,
+                     thread_count, typed)
 
 
 def get_parser():
@@ -212,18 +212,20 @@ def bench(argv):
     if args.width % args.n_head:  # torch.nn's attention splits the width into the heads
         parser.error(f"--width {args.width} is not a multiple of --n-head {args.n_head}: the "
                      "reference's heads split the width, so ours get key_size = width / n_head")
-    cfg = models.model_config("transformer", n_in, T, args.width, args.n_layer, args.n_head,
-                              key_size=args.width // args.n_head)
+    sizes = models.learner_sizes("transformer", n_in, T, width=args.width, n_layer=args.n_layer,
+                                 n_head=args.n_head, key_size=args.width // args.n_head)
     x_train, y_train = mnist_train(args.image_size, args.device)  # (N, N_x), (N,)
     torch.manual_seed(seed)
-    ours = models.build("transformer", n_in, data.NUM_CLASSES, **cfg).to(args.device)
-    ref = Reference(n_in, data.NUM_CLASSES, T, args.width, args.n_layer, args.n_head)
+    ours = models.build("transformer", n_in, data.NUM_CLASSES, **sizes).to(args.device)
+    ref = Reference(n_in, data.NUM_CLASSES, T, width=args.width, n_layer=args.n_layer,
+                    n_head=args.n_head)
     ref = ref.copy_from(ours).to(args.device)
     # (B, T, N_x), (B, T)
-    batches = [data.sample_sequences(x_train, y_train, seed, s, torch.arange(B, device=args.device),
-                                     T, args.num_tasks)[:2] for s in range(args.steps)]
+    batches = [data.sample_sequences(x_train, y_train, seed=seed, step=s,
+                                     seq_index=torch.arange(B, device=args.device), seq_len=T,
+                                     num_tasks=args.num_tasks)[:2] for s in range(args.steps)]
     with torch.no_grad():
-        tokens = gpicl.make_tokens(*batches[0])                      # (B, T, N_x + 10)
+        tokens = data.make_tokens(*batches[0])                      # (B, T, N_x + 10)
         same = (ours(tokens) - ref(tokens)).abs().max().item()       # fp32, before autocast
 
     def make_step(model):
@@ -231,8 +233,10 @@ def bench(argv):
         run = torch.compile(model) if args.compile else model
 
         def train_step(i):  # as train.py: forward, backward, clip, Adam
-            with ctx:
-                loss = gpicl.meta_loss(run, *batches[i % len(batches)])
+            x, y = batches[i % len(batches)]
+            with ctx:  # the meta-loss, as train.py writes it
+                logits = run(data.make_tokens(x, y))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -267,7 +271,8 @@ def bench(argv):
         # (B, T, N_x), (B, T), (B,)
         raw.append((x_train[idx], y_train[idx], ids))
     seq_index = torch.arange(B, device=args.device)
-    sample = lambda i: data.sample_sequences(x_train, y_train, seed, i, seq_index, T, args.num_tasks)
+    sample = lambda i: data.sample_sequences(x_train, y_train, seed=seed, step=i, seq_index=seq_index,
+                                             seq_len=T, num_tasks=args.num_tasks)
     tasks, task_times = timed({"ours_sample_sequences": sample,
                                "ours_apply_tasks": lambda i: data.apply_tasks(*raw[i % len(raw)]),
                                "ref_per_sequence": lambda i: reference_tasks(*raw[i % len(raw)],
@@ -300,7 +305,7 @@ def bench(argv):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if not cuda:
         print(f"peak RSS of the whole process (both models, data): {rss:.0f} MiB")
-    result = dict(config=dict(vars(args), batch_size=B, n_x=n_x, params=models.num_params(ours),
+    result = dict(flags=dict(vars(args), batch_size=B, n_x=n_x, params=models.num_params(ours),
                               threads=torch.get_num_threads(), torch=torch.__version__),
                   max_abs_logit_diff=same, step=step, step_ratio=step_ratio, tasks_ms=tasks,
                   task_ratio=task_ratio, task_share=share,
@@ -529,7 +534,7 @@ def suite(argv):
     signal.signal(signal.SIGTERM, interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="gpicl-suite-") as work:
-            eager = bench_stage(stages, "bench eager", grid_of(False), work, 90)  # cheap, first
+            eager = bench_stage(stages, "bench eager", grid_of(False), work, limit=90)  # cheap, first
             run_argv, records, summary, ckpt = train_stage(stages, args, train_argv, work)
             if os.path.exists(ckpt):
                 stages.run("table1", [sys.executable, os.path.join(HERE, "metatest.py"),
@@ -539,7 +544,8 @@ def suite(argv):
             else:
                 stages.report["table1"] = dict(status="skipped: no checkpoint", seconds=0.0)
             # on a CPU compiling takes minutes: the dry run checks this stage's plumbing only
-            compiled = bench_stage(stages, "bench compiled", grid_of(True), work, stages.left() - 5,
+            compiled = bench_stage(stages, "bench compiled", grid_of(True), work,
+                                   limit=stages.left() - 5,
                                    env=dict(TORCH_COMPILE_DISABLE="1") if args.dry_run else None)
     except KeyboardInterrupt:
         stages.say(f"\ninterrupted; what the stages printed is in {stages.log_path}")

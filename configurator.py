@@ -1,72 +1,22 @@
 """
-The command line of train.py (and the one-line-error kit that bench.py, metatest.py and
-experiments.py share): flags, their checks, and the presets that pick their defaults.
+The command line of train.py: its flags, the presets that pick their defaults, and the checks
+between flags.
 
-Like nanoGPT's configurator.py it keeps the flag plumbing out of train.py's reading path. A bad
-value is one line on stderr and exit 2 (Parser.error), never a traceback.
+Like nanoGPT's configurator.py it keeps the flag plumbing out of train.py's reading path. The
+value types and the Parser (a bad value is one line on stderr and exit 2, never a traceback)
+are the run's safety, shared by every command line: harness.py.
 """
 import argparse
-import math
-import os
-import re
 
 import torch
 
 import data
 import models
+from harness import (Parser, channel_count, duration, fraction, image_size_int, layer_count,
+                     nonneg_float, nonneg_int, positive_float, positive_int, seed_int, thread_count)
 
 # -----------------------------------------------------------------------------
-# Flags whose values are checked where they are read, with one-line errors
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        message = message.replace("\n", "\\n")  # a newline in a flag's value: still one line
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def typed(kind, test, what):
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
-        if not test(v):
-            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
-        return v
-    return parse
-
-
-# ours: counts and sizes stop below 2**31, where torch's C ints (torch.set_num_threads) overflow
-# and sizes fail deep inside torch with a traceback
-positive_int = typed(int, lambda v: 0 < v < 2 ** 31, "a positive integer below 2**31")
-seed_int = typed(int, lambda v: 0 <= v < 2 ** 63, "a seed in [0, 2**63)")  # it goes into int64
-nonneg_int = typed(int, lambda v: 0 <= v < 2 ** 31, "a non-negative integer below 2**31")
-positive_float = typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-nonneg_float = typed(float, lambda v: v >= 0 and math.isfinite(v), "a non-negative number")
-fraction = typed(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
-# ours: beyond these, a size overflows inside torch (N_x = image_size^2 is one side of a matrix),
-# a learner takes hours to build, or libgomp aborts the process (threads)
-image_size_int = typed(int, lambda v: 0 < v <= 1024, "an image size from 1 to 1024")
-layer_count = typed(int, lambda v: 0 < v <= 1024, "a number of layers from 1 to 1024")
-thread_count = typed(int, lambda v: 0 < v <= 256, "a number of threads from 1 to 256")
-
-
-def channel_count(s):
-    """'1' or '3', written so (int() would also take other scripts' digits)."""
-    if s not in ("1", "3"):
-        raise argparse.ArgumentTypeError(f"{s!r} is not 1 or 3")
-    return int(s)
-
-
-def duration(s):
-    """'300', '300s', '5m', '1.5h' -> seconds."""
-    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([smh]?)\s*", s, re.IGNORECASE)
-    v = float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2].lower()] if m else 0.0
-    if not 0 < v < math.inf:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a duration like 300, 300s, 5m or 1.5h")
-    return v
-
+# The number of tasks, the one flag whose type is of the lesson (the others: harness.py)
 
 MAX_TASKS = data.FRESH  # task ids are drawn from 62 random bits (data.random_below)
 
@@ -104,8 +54,6 @@ PRESETS = {
                 adam_eps_root=0.0, schedule="cosine", steps=6000, eval_every=1000,
                 eval_tasks=16, eval_seqs=32),
 }
-PRESET_SUMMARY = {"paper": "the authors' settings on 14x14 MNIST, 50,000 steps of 512 sequences",
-                  "cpu": "a small Transformer on 7x7 MNIST that learns in context in minutes"}
 TRANSFORMER_PRESETS = {"paper": dict(width=512, n_layer=4, n_head=8, key_size=32),
                        "cpu": dict(width=64, n_layer=2, n_head=4, key_size=32)}
 # cpu, every learner but the Transformer: the same tasks, its own sizes (or --state-size),
@@ -260,33 +208,34 @@ def system_flags(g):
 
 
 # -----------------------------------------------------------------------------
-# Checks of what a flag names, made before any work
+# Checks between flags, and the line that says what the preset runs
 
-def check_device(parser, device):
-    """One line, not a traceback, for a device name torch does not know or cannot use here."""
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, ValueError) as e:
-        parser.error(f"--device {device}: {(str(e).splitlines() or ['unusable'])[0]}")
+def check_flags(parser, args, world):
+    """-> the other datasets to meta-test on, after the checks that need more than one flag
+    (world: the number of processes the meta-batch is split over). One line each."""
+    others = [d for d in args.eval_datasets.split(",") if d]
+    for d in others:
+        if d not in data.DATASETS or d == args.dataset:
+            parser.error(f"--eval-datasets: {d!r} is not one of {', '.join(data.DATASETS)} "
+                         f"other than {args.dataset}")
+    if args.lookup_steps and args.lookup_seq_len > args.seq_len:
+        parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than --seq-len {args.seq_len}")
+    if args.batch_size % (world * args.grad_accum):
+        parser.error(f"--batch-size {args.batch_size} does not split into {world} processes x "
+                     f"{args.grad_accum} accumulation steps; "
+                     f"make it a multiple of {world * args.grad_accum}")
+    if args.batch_size % args.seqs_per_task:
+        parser.error(f"--seqs-per-task {args.seqs_per_task} does not divide --batch-size "
+                     f"{args.batch_size}")
+    return others
 
 
-def check_out_file(parser, flag, path, make_folder=False):
-    """One line, before any work, for a file that cannot be written: no name, a NUL in it, a
-    folder, in a folder that does not exist (make_folder: that cannot be made), read-only."""
-    if not path or "\0" in path:
-        parser.error(f"{flag} {path!r} is not a file name")
-    if os.path.isdir(path):
-        parser.error(f"{flag} {path} is a folder, not a file")
-    folder = os.path.dirname(os.path.abspath(path))
-    if make_folder:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            parser.error(f"{flag} {path}: cannot make its folder ({e.strerror})")
-    existed = os.path.exists(path)
-    try:
-        open(path, "a").close()  # append: nothing in it is lost
-    except OSError as e:  # no such folder, read-only, a name too long...
-        parser.error(f"{flag} {path}: {e.strerror}")
-    if not existed:
-        os.remove(path)
+def preset_line(args, sizes, state_size):
+    """The run in one line, naming the learner actually trained:
+    'preset cpu: transformer (width 64, n_layer 2, n_head 4, key_size 32; state size 25,600 floats)
+    on 7x7 mnist, 6,000 steps of 128 sequences (--preset paper for the other; any flag overrides)'"""
+    other = next(p for p in PRESETS if p != args.preset)
+    shown = ", ".join(f"{k} {v}" for k, v in sizes.items() if k not in ("seq_len", "n_in", "n_out"))
+    return (f"preset {args.preset}: {args.model} ({shown}; state size {state_size:,} floats) on "
+            f"{args.image_size}x{args.image_size} {args.dataset}, {args.steps:,} steps of "
+            f"{args.batch_size:,} sequences (--preset {other} for the other; any flag overrides)")

@@ -11,11 +11,11 @@ The task id alone fixes A and rho, so `num_tasks` = 2^k is an exact knob (traini
 from [0, num_tasks); FRESH tasks are ids drawn from 62 random bits), and tasks that were never
 trained on are simply ids that training can never draw (we use negative ids).
 
-The chapter: 1. tasks, 2. sequences, 3. base datasets and their preprocessing; then the
-machinery, 4. the counter-based random numbers everything above draws from; and an appendix,
-the datasets that are downloaded on first use. This file imports nothing else from the project.
+The chapter: 1. tasks, 2. sequences and the tokens a learner reads, 3. base datasets and their
+preprocessing; then the machinery, 4. the counter-based random numbers everything above draws
+from; and an appendix, the datasets that are downloaded on first use. The chapter imports
+nothing else from the project (the fetch command line borrows harness.py's Parser when used).
 """
-import argparse
 import gzip
 import hashlib
 import http.client
@@ -92,7 +92,8 @@ def unseen_task_ids(n, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# 2. Sequences: which task and which examples, a pure function of (seed, step, sequence index)
+# 2. Sequences: which task and which examples, a pure function of (seed, step, sequence index),
+#    and the tokens the learner reads them as
 
 STREAM_TASK, STREAM_RANDOM_IMAGES = 4, 5
 
@@ -178,6 +179,15 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     return (*apply_tasks(x, y, task_ids, permute), task_ids)
 
 
+def make_tokens(x, y):
+    """What the learner reads (paper section 2): token t = [A x_t ; onehot(rho(y_{t-1}))], zeros
+    in place of the label at t = 0. x (B, T, N_x), y (B, T) -> tokens (B, T, N_x + 10).
+    Position t carries the label of example t-1, never its own: the learner predicts y_t there."""
+    y_prev = F.one_hot(y[:, :-1], NUM_CLASSES).to(x.dtype)          # (B, T-1, 10)
+    y_prev = F.pad(y_prev, (0, 0, 1, 0))                             # (B, T, 10), zeros at t = 0
+    return torch.cat([x, y_prev], dim=-1)                            # (B, T, N_x + 10)
+
+
 def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0):
     """Sequences of given tasks, for evaluation: task_ids, seq_index (B,) -> x (B, T, N_x),
     y (B, T). Sequence seq_index of the set is the same however the set is batched."""
@@ -259,7 +269,8 @@ def load_dataset(name, image_size, device="cpu", cache_dir=None, channels=1):
 # piece. A test pins the words to a plain-Python splitmix64.
 #
 # The mixer is a bijection of 64-bit words; int64 multiplication wraps modulo 2^64 on CPU and GPU
-# alike (a test checks it), and '>>' is arithmetic on int64, so each shift is masked to be logical.
+# alike (the pinned words would differ if it did not), and '>>' is arithmetic on int64, so each
+# shift is masked to be logical.
 
 GOLDEN = 0x9E3779B97F4A7C15 - 2 ** 64            # the odd constants, as signed int64
 C1, C2 = 0xBF58476D1CE4E5B9 - 2 ** 64, 0x94D049BB133111EB - 2 ** 64
@@ -482,13 +493,12 @@ def available(name, cache_dir=None):
 # -----------------------------------------------------------------------------
 # 6. The command line: python data.py fetch NAME..., on a machine with a network
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump (as train.py's)
-        message = message.replace("\n", "\\n")  # a newline in a flag's value: still one line
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def get_parser():
+    # The project's one Parser (one line per error, exit 2) lives with the rest of the run's
+    # safety in harness.py. It is imported here, when the command line is built, not at the top:
+    # the chapter above (tasks, sequences, datasets) imports nothing of ours and can be copied
+    # alone (without harness.py, only `python data.py fetch` stops working).
+    from harness import Parser
     p = Parser(prog="data.py", description="Fetch the datasets that are not shipped.")
     p.add_argument("command", choices=["fetch"])
     p.add_argument("names", nargs="+", choices=list(DOWNLOADS))

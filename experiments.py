@@ -44,7 +44,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from configurator import Parser, check_out_file, positive_int
+from harness import Parser, check_out_file, positive_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WINDOW, DELTA, CHANCE = 5, 0.1, 0.1
@@ -276,7 +276,7 @@ def run_all(items, jobs=1, inprocess=False):
         name, scale, out, runs_dir, params, flags, stop = it
         rid, t0 = run_id(params), time.time()
         part = run_one(params, flags, os.path.join(runs_dir, rid.replace("=", "_").replace(",", "__")),
-                       stop, inprocess)
+                       stop=stop, inprocess=inprocess)
         rec = dict(id=rid, experiment=name, scale=scale, params=params, flags=flags, **part,
                    wall_s=round(time.time() - t0, 1))
         with lock:

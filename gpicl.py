@@ -1,51 +1,29 @@
 """
-General-purpose in-context learning by meta-learning (paper section 2): the meta-learning logic.
+Meta-testing a general-purpose in-context learner (paper sections 2 and 4): evaluation.
 
-A learner reads a sequence of examples from one task and predicts each label before it sees it:
-
-    token t = [A x_t ; onehot(rho(y_{t-1}))],  zeros in place of the label at t = 0
-    loss    = cross-entropy of the prediction at every position, averaged
-
-"After meta-training, the learner is able to learn new tasks in-context, without any gradient
-step": its accuracy on tasks it never saw rises along the sequence as it reads more examples.
+A learner reads a sequence of examples from one task (data.make_tokens) and predicts each label
+before it sees it; train.py meta-trains it on the cross-entropy at every position. "After
+meta-training, the learner is able to learn new tasks in-context, without any gradient step":
+its accuracy on tasks it never saw rises along the sequence as it reads more examples.
 `evaluate` measures exactly that, per position, on seen tasks, unseen tasks and unseen tasks of
 other datasets, beside 1-NN and SGD scored on the very same sequences (so a curve can be read
 against learners that need no meta-training), and `regime` names which of the paper's three
 regimes a learner is in. (A meta-trained learner as a classifier for your own table of numbers
 is metatest.py's InContextClassifier.)
 
-Uses data.py (tasks, sequences) and models.py (learners); imported by train.py.
+Uses data.py (tasks, sequences, tokens) and models.py (learners); imported by train.py and
+metatest.py.
 """
 import functools
 import math
-import os
-import pickle
-import warnings
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 import data
+import harness  # the safe loading of checkpoints only
 import models
-
-# -----------------------------------------------------------------------------
-# Tokens and loss
-
-
-def make_tokens(x, y):
-    """[x_t ; onehot(y_{t-1})]: x (B, T, N_x), y (B, T) -> tokens (B, T, N_x + 10).
-    Position t carries the label of example t-1, never its own."""
-    y_prev = F.one_hot(y[:, :-1], data.NUM_CLASSES).to(x.dtype)     # (B, T-1, 10)
-    y_prev = F.pad(y_prev, (0, 0, 1, 0))                             # (B, T, 10), zeros at t = 0
-    return torch.cat([x, y_prev], dim=-1)                            # (B, T, N_x + 10)
-
-
-def meta_loss(model, x, y):
-    """Cross-entropy averaged over every position of every sequence."""
-    logits = model(make_tokens(x, y))                                # (B, T, 10)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
 
 # -----------------------------------------------------------------------------
 # Evaluation: the sequences, and the learner's predictions on them
@@ -53,24 +31,24 @@ def meta_loss(model, x, y):
 EVAL_SEED = 12345  # evaluation sequences are fixed, and never drawn in meta-training
 
 
-def seen_task_ids(n_tasks, num_tasks, device):
-    """Ids 0 .. n_tasks - 1 of the training range (as the authors' meta_test), each taken modulo
-    num_tasks: every training task in turn when there are fewer than n_tasks. Training draws ids
-    uniformly, so these were trained on when num_tasks is small against the number of training
-    sequences; with more tasks (or data.FRESH ones) most were never drawn."""
-    return torch.arange(n_tasks, device=device) % num_tasks
+def seen_task_ids(eval_tasks, num_tasks, device):
+    """Ids 0 .. eval_tasks - 1 of the training range (as the authors' meta_test), each taken
+    modulo num_tasks: every training task in turn when there are fewer than eval_tasks. Training
+    draws ids uniformly, so these were trained on when num_tasks is small against the number of
+    training sequences; with more tasks (or data.FRESH ones) most were never drawn."""
+    return torch.arange(eval_tasks, device=device) % num_tasks
 
 
-def eval_sets(base, others, num_tasks, n_tasks, seqs_per_task, device):
+def eval_sets(base, others, num_tasks, eval_tasks, eval_seqs, device):
     """{name: (x_all, y_all, task_ids)}: the base dataset's test split on seen and unseen tasks
     and as it is (no projection, no relabelling, as the authors also report), and each other
     dataset's test split on unseen tasks."""
-    per_seq = lambda ids: ids.repeat_interleave(seqs_per_task)      # (n_tasks * seqs_per_task,)
-    unseen = per_seq(data.unseen_task_ids(n_tasks, device))
+    per_seq = lambda ids: ids.repeat_interleave(eval_seqs)          # (eval_tasks * eval_seqs,)
+    unseen = per_seq(data.unseen_task_ids(eval_tasks, device))
     name, splits = base
-    sets = {f"seen {name}": (*splits["test"], per_seq(seen_task_ids(n_tasks, num_tasks, device))),
+    sets = {f"seen {name}": (*splits["test"], per_seq(seen_task_ids(eval_tasks, num_tasks, device))),
             f"unseen {name}": (*splits["test"], unseen),
-            f"identity {name}": (*splits["test"], torch.full_like(unseen[:seqs_per_task],
+            f"identity {name}": (*splits["test"], torch.full_like(unseen[:eval_seqs],
                                                                    data.IDENTITY_TASK))}
     for other, splits in others.items():
         sets[f"unseen {other}"] = (*splits["test"], unseen)
@@ -82,14 +60,14 @@ def eval_batches(x_all, y_all, task_ids, seq_len, batch_size=256):
     y (b, T)). Sequence i is the same however the set is batched (data.task_sequences)."""
     for i in range(0, len(task_ids), batch_size):
         seq_index = torch.arange(i, min(i + batch_size, len(task_ids)), device=task_ids.device)
-        yield seq_index, *data.task_sequences(x_all, y_all, task_ids[seq_index], seq_len,
-                                              seq_index, EVAL_SEED)
+        yield seq_index, *data.task_sequences(x_all, y_all, task_ids[seq_index], seq_len=seq_len,
+                                              seq_index=seq_index, seed=EVAL_SEED)
 
 
 def learner_predict(model, x, y, ctx=None):
     """The learner's label at every position: x (B, T, N_x), y (B, T) -> (B, T)."""
     with ctx or nullcontext():
-        return model(make_tokens(x, y)).argmax(-1)
+        return model(data.make_tokens(x, y)).argmax(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +153,7 @@ def gradient_descent(x, y):
     (models.GradientLearner)."""
     n_in = x.shape[-1] + data.NUM_CLASSES
     model = models.build("sgd", n_in, data.NUM_CLASSES,
-                         **models.model_config("sgd", n_in, x.shape[1])).to(x.device)
+                         **models.learner_sizes("sgd", n_in, x.shape[1])).to(x.device)
     return learner_predict(model, x, y)
 
 
@@ -265,7 +243,8 @@ def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=True):
     for name, (x_all, y_all, task_ids) in sets.items():
         runs = {b: (predict, first_per_task(task_ids, k))                 # (N,) bool each
                 for b, (predict, k) in baselines.items()}
-        correct = correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx, runs)
+        correct = correct_predictions(model, x_all, y_all, task_ids, seq_len=seq_len,
+                                      batch_size=batch_size, ctx=ctx, runs=runs)
         out[name] = summarize(correct.pop("learner"), task_ids)
         if baselines:
             out[name]["baselines"] = {b: summarize(c, task_ids[runs[b][1]])
@@ -289,7 +268,8 @@ def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx,
         correct[b].append(runs[b][0](x, y) == y)                          # (b, T)
         waiting[b] = []
 
-    for seq_index, x, y in eval_batches(x_all, y_all, task_ids, seq_len, batch_size):
+    for seq_index, x, y in eval_batches(x_all, y_all, task_ids, seq_len=seq_len,
+                                        batch_size=batch_size):
         correct["learner"].append(learner_predict(model, x, y, ctx) == y)   # (b, T)
         for b, (_, keep) in runs.items():
             keep = keep[seq_index]                                        # (b,)
@@ -350,44 +330,13 @@ def format_results(results):
 # -----------------------------------------------------------------------------
 # A trained learner from a checkpoint
 
-def load_checkpoint(path, device="cpu"):
-    """The dict of a train.py checkpoint, read safely: the one place where checkpoints are loaded.
-
-    torch.load(weights_only=True) rebuilds only tensors, dicts, lists, tuples, numbers, strings
-    and None, never an arbitrary object, so a file from a stranger cannot run code as it loads
-    (a pickle may name any function to call; this refuses every one). A missing, truncated or
-    corrupted file, or one that is refused, is a one-line ValueError."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path} " + ("is a folder, not a file" if os.path.isdir(path)
-                                                  else "does not exist"))
-    try:
-        with warnings.catch_warnings():  # e.g. a pickle protocol warning: our error says enough
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=device, weights_only=True)
-    except PermissionError as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    except pickle.UnpicklingError as e:  # refused, or garbage that the safe unpickler cannot read
-        why = str(e).partition("WeightsUnpickler error:")[2].strip() or str(e)
-        why = why.splitlines()[0].split(" was not an allowed global")[0]
-        raise ValueError(f"{path} is refused: it is not made of tensors, numbers and strings only "
-                         f"({why}); loading it could run code, or it is corrupted") from None
-    except Exception as e:  # truncated or corrupted: zip, pickle and storage errors alike
-        why = (str(e).splitlines() or [""])[0][:100]
-        raise ValueError(f"{path} is truncated or corrupted ({type(e).__name__}: {why})") from None
-    missing = [k for k in ("model", "model_config", "config")
-               if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (no {', '.join(missing)} in it)")
-    return ckpt
-
-
 def load_learner(path, device="cpu"):
     """(model in eval mode, checkpoint dict) from a train.py checkpoint; a one-line ValueError
     for a file that is not one."""
-    ckpt = load_checkpoint(path, device)
+    ckpt = harness.load_checkpoint(path, device)  # safely: no code in it runs
     try:
-        m = ckpt["model_config"]
-        model = models.build(m["kind"], m["n_in"], m["n_out"], **m["cfg"]).to(device)
+        m = ckpt["learner"]
+        model = models.build(m["kind"], m["n_in"], m["n_out"], **m["sizes"]).to(device)
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         why = (str(e).splitlines() or [""])[0][:100]

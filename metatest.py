@@ -21,9 +21,8 @@ import torch.nn.functional as F
 
 import data
 import gpicl
-from configurator import (Parser, check_device, check_out_file, positive_int, seed_int,
-                          thread_count)
-from train import out_of_memory_in_one_line
+from harness import (Parser, check_device, check_out_file, out_of_memory_in_one_line,
+                     positive_int, seed_int, thread_count)
 
 # -----------------------------------------------------------------------------
 # A meta-trained learner as a classifier for your own table of numbers
@@ -61,7 +60,7 @@ def last_position_logits(model, x_ctx, y_ctx, x_query, batch_size=512):
         xq = x_query[i:i + batch_size]
         x = torch.cat([x_ctx.expand(len(xq), n, -1), xq[:, None]], 1)          # (B, n+1, N_x)
         y = F.pad(y_ctx.expand(len(xq), n), (0, 1))     # (B, n+1); the query's label is never read
-        out.append(model(gpicl.make_tokens(x, y))[:, -1].float())             # (B, 10)
+        out.append(model(data.make_tokens(x, y))[:, -1].float())             # (B, 10)
     return torch.cat(out) if out else x_query.new_zeros(0, data.NUM_CLASSES)
 
 
@@ -89,8 +88,8 @@ class InContextClassifier:
         if normalize not in ("column", "global"):
             raise ValueError(f"normalize must be 'column' or 'global', not {normalize!r}")
         self.model, ckpt = gpicl.load_learner(checkpoint, device)
-        self.n_x = ckpt["model_config"]["n_in"] - data.NUM_CLASSES
-        self.seq_len = ckpt["config"]["seq_len"]
+        self.n_x = ckpt["learner"]["n_in"] - data.NUM_CLASSES
+        self.seq_len = ckpt["flags"]["seq_len"]
         self.device, self.seed, self.members, self.normalize = device, seed, members, normalize
         self.batch_size = batch_size
 
@@ -135,7 +134,7 @@ class InContextClassifier:
             x_c, x_p = self.x_ctx @ P, x_q @ P                                # (n, N_x), (Q, N_x)
             for idx in torch.tensor_split(order, chunks):
                 logits = last_position_logits(self.model, x_c[idx], rho[self.y_ctx[idx]], x_p,
-                                              self.batch_size)               # (Q, 10)
+                                              batch_size=self.batch_size)    # (Q, 10)
                 proba += logits[:, rho].softmax(-1)                          # (Q, k)
         return (proba / (self.members * chunks)).cpu().numpy()
 
@@ -188,15 +187,16 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
     X = images.reshape(len(y), -1) * 16                              # (1797, 64) values 0..16
     model, ckpt = gpicl.load_learner(checkpoint, device)
     tasks = data.unseen_task_ids(splits * members).view(splits, members)
-    classifiers = {(norm, m): InContextClassifier(checkpoint, device, 0, m, norm)
+    classifiers = {(norm, m): InContextClassifier(checkpoint, device=device, seed=0, members=m,
+                                                    normalize=norm)
                    for norm, m in (("column", 1), ("column", members), ("global", members))}
     acc = {}
     add = lambda name, pred: acc.setdefault(name, []).append((pred.cpu() == y[q]).float().mean().item())
     for s in range(splits):
         order = data.random_bits(data.hash_key(seed, s, 4), len(y)).argsort()
         c, q = order[:n_context], order[n_context:n_context + n_queries]
-        stats = data.to_inputs(images[c], ckpt["config"]["image_size"])[1]   # context's stats
-        x_img = data.to_inputs(images, ckpt["config"]["image_size"], stats)[0].to(device)  # (N, N_x)
+        stats = data.to_inputs(images[c], ckpt["flags"]["image_size"])[1]   # context's stats
+        x_img = data.to_inputs(images, ckpt["flags"]["image_size"], stats)[0].to(device)  # (N, N_x)
         proba = 0
         for j, task in enumerate(tasks[s]):  # each member: its own task and context order
             x_t, y_t = data.apply_tasks(x_img[None], y[None].to(device), task[None].to(device))
@@ -232,33 +232,33 @@ PAPER_TABLE1 = {  # accuracy % at the 100th example, meta-trained on MNIST (pape
     "GPICL Transformer (paper)": [73.70, 62.24, 53.39, 100, 19.40, 14.58]}
 
 
-def table1(checkpoints, n_tasks=32, seqs_per_task=32, out_dir=".", device="cpu"):
+def table1(checkpoints, eval_tasks=32, eval_seqs=32, out_dir=".", device="cpu"):
     """Evaluate each checkpoint on every Table 1 dataset at its last position (its seq_len)
     and write table1.md and table1.json to out_dir; returns the Markdown. A dataset that is
     not on this machine is reported missing, with the command that fetches it."""
     rows, loaded = [], {}
-    unseen = data.unseen_task_ids(n_tasks, device).repeat_interleave(seqs_per_task)
+    unseen = data.unseen_task_ids(eval_tasks, device).repeat_interleave(eval_seqs)
     for path in checkpoints:
         model, ckpt = gpicl.load_learner(path, device)
-        cfg, cells = ckpt["config"], {}
+        flags, cells = ckpt["flags"], {}
         for column, name in TABLE1.items():
-            key = (name, cfg["image_size"])
+            key = (name, flags["image_size"])
             if key not in loaded:  # never try the network here: offline, it may hang
                 try:
-                    loaded[key] = (data.load_dataset(name, cfg["image_size"], device)
+                    loaded[key] = (data.load_dataset(name, flags["image_size"], device)
                                    if data.available(name) else None)
                 except (OSError, ValueError):  # e.g. a damaged cache file
                     loaded[key] = None
             if loaded[key] is None:
                 cells[column] = {"missing": f"fetch with `python data.py fetch {name}`"}
                 continue
-            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, cfg["seq_len"],
+            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, flags["seq_len"],
                                baselines=False)[name]                  # the learner's column only
             cells[column] = {"acc": round(100 * r["last"], 2), "ci": round(100 * r["last_ci"], 2),
                              "n": r["n"]}
-        rows.append({"checkpoint": path, "learner": ckpt["model_config"]["kind"],
-                     "meta_trained_on": cfg["dataset"], "image_size": cfg["image_size"],
-                     "seq_len": cfg["seq_len"], "step": ckpt["step"], "accuracy_pct": cells})
+        rows.append({"checkpoint": path, "learner": ckpt["learner"]["kind"],
+                     "meta_trained_on": flags["dataset"], "image_size": flags["image_size"],
+                     "seq_len": flags["seq_len"], "step": ckpt["step"], "accuracy_pct": cells})
     cell = lambda c: (f"missing — {c['missing']}" if "missing" in c else
                       f"{c['acc']:.2f} ± {c['ci']:.2f}")
     md = ["| learner | " + " | ".join(TABLE1) + " |", "|---" * (len(TABLE1) + 1) + "|"]
@@ -267,15 +267,15 @@ def table1(checkpoints, n_tasks=32, seqs_per_task=32, out_dir=".", device="cpu")
     md += [f"| {r['checkpoint']} ({r['learner']}, {r['meta_trained_on']} {r['image_size']}x"
            f"{r['image_size']}, @{r['seq_len']}) | "
            + " | ".join(cell(c) for c in r["accuracy_pct"].values()) + " |" for r in rows]
-    md = "\n".join(md) + (f"\n\nAccuracy (%) at the last example on {n_tasks} unseen tasks x "
-                          f"{seqs_per_task} sequences, ± 95% CI; "
+    md = "\n".join(md) + (f"\n\nAccuracy (%) at the last example on {eval_tasks} unseen tasks x "
+                          f"{eval_seqs} sequences, ± 95% CI; "
                           f"paper rows: Kirsch et al. 2022, Table 1.\n")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table1.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out_dir, "table1.json"), "w") as f:
         json.dump({"paper_pct": {k: dict(zip(TABLE1, v)) for k, v in PAPER_TABLE1.items()},
-                   "tasks": n_tasks, "seqs_per_task": seqs_per_task, "checkpoints": rows}, f, indent=1)
+                   "eval_tasks": eval_tasks, "eval_seqs": eval_seqs, "checkpoints": rows}, f, indent=1)
     return md
 
 
@@ -318,7 +318,8 @@ def read_table(path, label, columns=None):
 def run_csv(args):
     names, X, y = read_table(args.train, args.label)
     _, X_test, y_test = read_table(args.test, args.label, names)
-    clf = InContextClassifier(args.ckpt, args.device, args.seed, args.members, args.normalize)
+    clf = InContextClassifier(args.ckpt, device=args.device, seed=args.seed, members=args.members,
+                              normalize=args.normalize)
     clf.fit(X, y)
     proba = clf.predict_proba(X_test)
     pred = clf.classes_[proba.argmax(1)]
@@ -397,14 +398,16 @@ def meta_test(argv):
         elif args.command == "uci":
             if args.context < 2 or args.context + args.queries > 1797:
                 p.error("--context must be >= 2 and --context + --queries <= 1797 (UCI digits' rows)")
-            res = compare_on_uci_digits(args.ckpt, args.splits, args.context, args.queries,
-                                        args.members, device=args.device)
+            res = compare_on_uci_digits(args.ckpt, splits=args.splits, n_context=args.context,
+                                        n_queries=args.queries, members=args.members,
+                                        device=args.device)
             print(f"UCI digits, {args.context} context rows, {args.queries} queries, "
                   f"{args.splits} splits")
             for name, (m, ci) in res.items():
                 print(f"{name:<44} {m:.3f} ± {ci:.3f}")
         else:
-            print(table1(args.ckpts, args.tasks, args.seqs, args.out_dir, args.device))
+            print(table1(args.ckpts, eval_tasks=args.tasks, eval_seqs=args.seqs, out_dir=args.out_dir,
+                         device=args.device))
     except (OSError, ValueError) as e:
         p.error(str(e))
 

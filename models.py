@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 class Learner(nn.Module):
     """The interface every learner shares. A learner implements run(tokens) -> (logits, the
-    tensors it carries from step to step) and state_size_of(**config) -> their size.
+    tensors it carries from step to step) and state_size_of(**sizes) -> their size.
     `defaults` names the sizes the learner takes; `sized_by` is the one --state-size solves for."""
     defaults = {}
     sized_by = "width"
@@ -47,7 +47,7 @@ class Learner(nn.Module):
         return self.run(tokens)[1]
 
     def state_size(self, seq_len):
-        return self.state_size_of(**{**self.cfg, "seq_len": seq_len})
+        return self.state_size_of(**{**self.sizes, "seq_len": seq_len})
 
 
 # -----------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class Transformer(Learner):
 
     def __init__(self, n_in, n_out, seq_len, width=512, n_layer=4, n_head=8, key_size=32):
         super().__init__()
-        self.cfg = dict(width=width, n_layer=n_layer, n_head=n_head, key_size=key_size)
+        self.sizes = dict(width=width, n_layer=n_layer, n_head=n_head, key_size=key_size)
         self.embed = nn.Linear(n_in, width)
         self.pos = nn.Parameter(torch.zeros(seq_len, width))        # learned positions
         self.blocks = nn.ModuleList(Block(width, n_head, key_size) for _ in range(n_layer))
@@ -209,7 +209,7 @@ class LSTM(Learner):
 
     def __init__(self, n_in, n_out, seq_len, width=256, n_layer=1):
         super().__init__()
-        self.cfg = dict(width=width, n_layer=n_layer)
+        self.sizes = dict(width=width, n_layer=n_layer)
         self.encoder = nn.Sequential(nn.Linear(n_in, width), nn.ReLU(),
                                      nn.Linear(width, width), nn.ReLU())
         self.lstm = nn.LSTM(width, width, num_layers=n_layer, batch_first=True)
@@ -264,7 +264,7 @@ class OuterLSTM(Learner):
 
     def __init__(self, n_in, n_out, seq_len, width=32, n_head=1):
         super().__init__()
-        self.cfg = dict(width=width, n_head=n_head)
+        self.sizes = dict(width=width, n_head=n_head)
         self.width, self.n_head = width, n_head
         self.encoder = nn.Sequential(nn.Linear(n_in, width), nn.ReLU(),
                                      nn.Linear(width, width), nn.ReLU())
@@ -308,7 +308,7 @@ class FastWeightMemory(Learner):
 
     def __init__(self, n_in, n_out, seq_len, width=16):
         super().__init__()
-        self.cfg = dict(width=width)
+        self.sizes = dict(width=width)
         self.width, slow = width, 4 * width
         self.lstm = nn.LSTMCell(n_in, slow)
         self.write_head = nn.Linear(slow, 3 * width + 1)
@@ -351,7 +351,7 @@ class MLP(Learner):
 
     def __init__(self, n_in, n_out, seq_len, width=256):
         super().__init__()
-        self.cfg = dict(width=width)
+        self.sizes = dict(width=width)
         self.n_x = n_in - n_out
         self.net = nn.Sequential(nn.Linear(self.n_x, width), nn.ReLU(), nn.Linear(width, width),
                                  nn.ReLU(), nn.Linear(width, n_out))
@@ -391,7 +391,7 @@ class VSML(Learner):
 
     def __init__(self, n_in, n_out, seq_len, width=16):
         super().__init__()
-        self.cfg = dict(width=width, n_in=n_in, n_out=n_out)
+        self.sizes = dict(width=width, n_in=n_in, n_out=n_out)
         self.n_x, self.n_out, self.width = n_in - n_out, n_out, width
         self.cell = nn.LSTMCell(2 * (self.msg + 1), width)
         self.fwd = nn.Linear(width, self.msg)
@@ -439,7 +439,13 @@ def adam_step(w, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
     """Adam's t-th step (t >= 1) on the lists of tensors w with gradients g and moments m, v:
     w - lr m_hat / (sqrt(v_hat) + eps). Returns the new w, m, v. The root holds a tiny
     constant so that its gradient, which maml's second-order meta-gradient takes, is finite
-    where v is 0."""
+    where v is 0.
+
+    The same Adam as train.Adam (optax's, with eps_root 1e-30 here), written out of place: it
+    cannot be train's. train.Adam, a torch.optim.Optimizer, updates leaf parameters in place
+    under no_grad, once per meta-batch; this step updates a batch of per-sequence weights (B, ...)
+    that are not parameters, at every position, and maml differentiates through it (its outer
+    gradient flows through every inner update), which an in-place no_grad step would cut."""
     m = [b1 * a + (1 - b1) * d for a, d in zip(m, g)]
     v = [b2 * a + (1 - b2) * d * d for a, d in zip(v, g)]
     w = [p - lr * (a / (1 - b1 ** t)) / ((s / (1 - b2 ** t) + 1e-30).sqrt() + eps)
@@ -465,7 +471,7 @@ class GradientLearner(Learner):
 
     def __init__(self, n_in, n_out, seq_len, width=128):
         super().__init__()
-        self.cfg = dict(width=width, n_in=n_in, n_out=n_out)
+        self.sizes = dict(width=width, n_in=n_in, n_out=n_out)
         self.n_x = n_in - n_out
         self.shapes = [(self.n_x, width), (width,), (width, n_out), (n_out,)]
         if self.meta_init:
@@ -511,7 +517,7 @@ class GradientLearner(Learner):
                     logp = torch.log_softmax(self.mlp(w, x[:, t - 1]), -1)
                     loss = -(logp * y_prev[:, t]).sum()              # sum: each sequence its own
                     g = torch.autograd.grad(loss, w, create_graph=second_order)
-                    w, m, v = adam_step(w, g, m, v, t, self.lr)
+                    w, m, v = adam_step(w, g, m, v, t=t, lr=self.lr)
                 outs.append(self.mlp(w, x[:, t]))
         return torch.stack(outs, 1), [p.reshape(B, -1) for p in (*w, *m, *v)]
 
@@ -536,11 +542,11 @@ MODELS = {"transformer": Transformer, "lstm": LSTM, "outer_lstm": OuterLSTM, "fw
           "mlp": MLP, "vsml": VSML, "sgd": SGD, "maml": MAML}
 
 
-def model_config(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, state_size=None,
-                 key_size=None):
+def learner_sizes(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, state_size=None,
+                  key_size=None):
     """Fill in a learner's defaults and, given state_size, the size that reaches it exactly
-    (the key size for the Transformer, the width for the others). Returns the keyword arguments
-    of the learner's constructor after n_in and n_out. A size the learner would ignore is a
+    (the key size for the Transformer, the width for the others). Returns the sizes: the keyword
+    arguments of the learner's constructor after n_in and n_out. A size the learner would ignore is a
     one-line ValueError, not a silent default."""
     if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
@@ -554,18 +560,18 @@ def model_config(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, sta
     if state_size is not None and cls.sized_by in given:
         raise ValueError(f"give {cls.sized_by} or state_size, not both: "
                          f"state_size picks the {cls.sized_by}")
-    cfg = dict(cls.defaults, **given, seq_len=seq_len)
+    sizes = dict(cls.defaults, **given, seq_len=seq_len)
     if state_size is not None:
-        cfg[cls.sized_by] = solve_for_state(cls, state_size, dict(cfg, n_in=n_in))
-    return cfg
+        sizes[cls.sized_by] = solve_for_state(cls, state_size, dict(sizes, n_in=n_in))
+    return sizes
 
 
-def solve_for_state(cls, state_size, cfg, largest=2 ** 16):
+def solve_for_state(cls, state_size, sizes, largest=2 ** 16):
     """The value of cls.sized_by whose state is exactly state_size, or an error naming the
     nearest reachable ones. Every state size grows with it, so count up until past."""
     name, below, above = cls.sized_by, None, None
     for n in range(1, largest + 1):
-        s = cls.state_size_of(**{**cfg, name: n})
+        s = cls.state_size_of(**{**sizes, name: n})
         if s == state_size:
             return n
         if s < state_size:
@@ -574,16 +580,16 @@ def solve_for_state(cls, state_size, cfg, largest=2 ** 16):
             above = s
             break
     near = " or ".join(str(s) for s in (below, above) if s is not None)
-    fixed = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in (name, "n_in"))
+    fixed = ", ".join(f"{k}={v}" for k, v in sizes.items() if k not in (name, "n_in"))
     raise ValueError(f"no {name} gives state size {state_size} for this learner ({fixed}); "
                      f"the nearest reachable state sizes are {near}")
 
 
-def build(kind, n_in, n_out, **cfg):
-    if kind == "transformer" and "key_size" not in cfg:
+def build(kind, n_in, n_out, **sizes):
+    if kind == "transformer" and "key_size" not in sizes:
         # a checkpoint from before key_size was a parameter: the heads split the width
-        cfg["key_size"] = cfg["width"] // cfg["n_head"]
-    return MODELS[kind](n_in, n_out, **cfg)
+        sizes["key_size"] = sizes["width"] // sizes["n_head"]
+    return MODELS[kind](n_in, n_out, **sizes)
 
 
 def num_params(model):

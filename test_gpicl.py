@@ -1,33 +1,15 @@
 """
-Tests for gpicl, on CPU and small: `python -m pytest -q test_gpicl.py`. Tests marked slow
-(over ~3 s: training runs, subprocesses, long recurrences) are left out by `-m "not slow"`,
-which runs the rest in under a minute on 2 cores; CI runs them all.
+The lesson's tests, in the reading guide's order: 1. tasks, 2. sequences, 3. tokens, 4. causality,
+5. learners and their state sizes, 6. the loss's optimizer, 7. evaluation, 8. in-context learning.
+The machinery's tests (command lines, resuming, signals, locks, torchrun, downloads, bench.py,
+the fuzz, experiments.py) are test_harness.py; helpers both share are conftest.py.
 
-Each test checks one claim the code or the README makes, and each can fail: the numbers they
-compare come from running the code, never from the code under test's own constants.
+    python -m pytest -q test_gpicl.py test_harness.py            # everything (CI)
+    python -m pytest -q -m "not slow" test_gpicl.py test_harness.py   # about a minute
 """
 import argparse
-import csv
-import gzip
-import hashlib
-import http.server
-import io
 import json
 import math
-import os
-import pickle
-import re
-import shutil
-import signal
-import struct
-import subprocess
-import string
-import sys
-import tarfile
-import threading
-import time
-import traceback
-import zlib
 
 import numpy as np
 import pytest
@@ -36,28 +18,20 @@ import torch.nn.functional as F
 
 import configurator
 import data
-import experiments
 import gpicl
 import metatest
 import models
 import train
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-PY = sys.executable
+from conftest import TINY, TRAINED, blobs, kinds, run_train, small, tiny_checkpoint, uci_split
 
 
 # -----------------------------------------------------------------------------
-# Task augmentation (data.py)
-
-def test_int64_multiplication_wraps():
-    # the counter-based generator relies on it; a backend that saturated would break tasks
-    assert (torch.tensor([2 ** 62 + 3]) * 4).item() == 12
-    assert (torch.tensor([-1]) * data.GOLDEN).item() == -data.GOLDEN
-
+# 1. Tasks: a projection and a label permutation per task id (data.py)
 
 # The generator, pinned: the reference below writes every constant out as a literal, none read
 # from data.py, so a changed constant there (which would silently change every task, and the
-# shipped checkpoint's) fails these tests.
+# shipped checkpoint's) fails these tests; so does int64 arithmetic that did not wrap modulo
+# 2^64 as splitmix64 needs (the reference computes modulo 2^64 in Python).
 
 def splitmix64(key, i):
     """Word i of key: splitmix64's mixer applied to key + i * golden, in Python integers."""
@@ -76,7 +50,7 @@ def key_of(*parts):
     return key
 
 
-def test_counter_based_normals_match_a_plain_python_splitmix64():
+def test_random_normal_matches_a_plain_python_splitmix64():
     # the reference itself: splitmix64's published first outputs for seed 0, and two task words
     assert [splitmix64(0, i) for i in (1, 2, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4,
                                                      0x06C45D188009454F]
@@ -103,7 +77,7 @@ def test_counter_based_normals_match_a_plain_python_splitmix64():
         assert data.task_permutation(torch.tensor([task]))[0].tolist() == rho
 
 
-def test_meta_batches_match_a_plain_python_splitmix64():
+def test_sample_sequences_matches_a_plain_python_splitmix64():
     # which task (stream 4) and which examples (stream 3) each sequence gets, and the Random
     # dataset's images (stream 5), all from the literal reference above
     seed, step, n = 5, 9, 5
@@ -121,7 +95,7 @@ def test_meta_batches_match_a_plain_python_splitmix64():
         assert abs(pixels[i].item() - (u - 0.5) * math.sqrt(12)) < 1e-6
 
 
-def test_projection_entries_have_variance_one_over_n_x():
+def test_task_projection_entries_have_variance_one_over_n_x():
     for n_x in (49, 196):
         A = data.task_projection(torch.arange(64), n_x)                  # (64, N_x, N_x)
         assert A.shape == (64, n_x, n_x)
@@ -134,7 +108,7 @@ def test_projection_entries_have_variance_one_over_n_x():
         assert abs((z.abs() < 1).float().mean().item() - 0.6827) < 0.005
 
 
-def test_projection_is_dense_and_keeps_norms():
+def test_task_projection_is_dense_and_keeps_norms():
     n_x = 196
     A = data.task_projection(torch.tensor([7]), n_x)[0]
     assert (A != 0).all() and A.abs().std() > 0                         # dense, not a diagonal scaling
@@ -143,7 +117,7 @@ def test_projection_is_dense_and_keeps_norms():
     assert abs(ratio.mean().item() - 1) < 0.1                           # |Ax| ~ |x|
 
 
-def test_same_id_same_task_different_ids_differ():
+def test_apply_tasks_same_id_same_task_different_ids_differ():
     ids = torch.tensor([0, 1, 2, -1, -2, 2 ** 40, 123456789])
     A1, A2 = data.task_projection(ids, 49), data.task_projection(ids.clone(), 49)
     P1, P2 = data.task_permutation(ids), data.task_permutation(ids.clone())
@@ -154,7 +128,7 @@ def test_same_id_same_task_different_ids_differ():
     assert len({tuple(p.tolist()) for p in P1}) == len(ids)
 
 
-def test_tasks_do_not_depend_on_batch_layout():
+def test_apply_tasks_does_not_depend_on_batch_layout():
     ids = torch.tensor([5, -3, 17, 2 ** 33, 0, 99, 5])
     full = data.task_projection(ids, 196)
     parts = torch.cat([data.task_projection(ids[i:i + 3], 196) for i in range(0, len(ids), 3)])
@@ -164,7 +138,7 @@ def test_tasks_do_not_depend_on_batch_layout():
     assert torch.equal(data.task_permutation(ids), data.task_permutation(ids.flip(0)).flip(0))
 
 
-def test_labels_are_permuted_per_task_as_classes():
+def test_task_permutation_relabels_whole_classes_per_task():
     ids = torch.arange(2000)
     P = data.task_permutation(ids)                                       # (2000, 10)
     assert torch.equal(P.sort(1).values, torch.arange(10).expand(2000, 10))  # permutations
@@ -182,7 +156,7 @@ def test_labels_are_permuted_per_task_as_classes():
         assert torch.equal(y_task[b], rho[y[b]])
 
 
-def test_training_never_draws_unseen_ids_and_respects_num_tasks():
+def test_sample_sequences_never_draws_unseen_ids_and_respects_num_tasks():
     x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
     unseen = set(data.unseen_task_ids(64).tolist())
     for num_tasks in (1, 16, 1000, data.FRESH):
@@ -198,7 +172,29 @@ def test_training_never_draws_unseen_ids_and_respects_num_tasks():
     assert max(unseen) < 0
 
 
-def test_bias_labels_a_task_id_with_the_identity_in_every_batch_or_in_none():
+def test_identity_task_is_the_base_dataset_as_it_is():
+    x, y = torch.randn(3, 5, 4), torch.randint(0, 10, (3, 5))
+    ids = torch.tensor([data.IDENTITY_TASK, 7, data.IDENTITY_TASK])
+    x_t, y_t = data.apply_tasks(x, y, ids)
+    assert torch.equal(x_t[0], x[0]) and torch.equal(y_t[2], y[2])
+    assert not torch.allclose(x_t[1], x[1])
+
+
+def test_random_images_are_new_for_every_task():
+    x_all, y_all = data.load_dataset("random", 7)["train"]
+    imgs = x_all.images(torch.tensor([3, 3, 4]))                          # (3, 10, 49)
+    assert imgs.shape == (3, 10, 49) and torch.equal(imgs[0], imgs[1])
+    assert not torch.allclose(imgs[0], imgs[2])
+    assert abs(imgs.mean().item()) < 0.2 and abs(imgs.std().item() - 1) < 0.1  # z-normalised
+    x, y, ids = data.sample_sequences(x_all, y_all, 0, 0, torch.arange(4), 30, data.FRESH)
+    assert x.shape == (4, 30, 49) and len(torch.unique(x[0], dim=0)) <= 10
+
+
+
+# -----------------------------------------------------------------------------
+# 2. Sequences: the meta-batch's task slots, the bias, the examples (data.py)
+
+def test_sample_sequences_bias_labels_a_task_id_with_the_identity_in_every_batch_or_in_none():
     # 8 task ids, slots of 2, 30 steps: each id comes back many times; the bias is a property of
     # the id (the authors' per-id draw), never of the slot or the step
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
@@ -216,7 +212,7 @@ def test_bias_labels_a_task_id_with_the_identity_in_every_batch_or_in_none():
     assert set(kept) == set(range(8)) and 0 < sum(kept.values()) < 8     # both kinds occur
 
 
-def test_bias_fraction_of_task_ids_is_about_f():
+def test_keeps_identity_labels_for_a_fraction_f_of_task_ids():
     ids = torch.arange(20_000)
     for f in (0.1, 0.5, 0.9):
         share = data.keeps_identity_labels(ids, f).float().mean().item()
@@ -224,7 +220,23 @@ def test_bias_fraction_of_task_ids_is_about_f():
     assert not data.keeps_identity_labels(ids, 0.0).any()
 
 
-def test_bias_task_puts_the_last_slots_on_task_zero():
+def test_get_batch_bias_steps_end_the_bias_at_that_step():
+    x_all, y_all = torch.randn(300, 5), torch.randint(0, 10, (300,))
+    base = dict(lookup_steps=0, seed=0, seq_len=10, num_tasks=data.FRESH, batch_size=64,
+                seqs_per_task=1, bias_task=0.0, bias=0.9)
+    tasks = dict(train=(x_all, y_all), lookup=None)
+    idx = torch.arange(64)
+    with_bias = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=7, seq_index=idx)
+    limited = lambda step: train.get_batch(argparse.Namespace(**base, bias_steps=5), tasks,
+                                           step=step, seq_index=idx)
+    unbiased = train.get_batch(argparse.Namespace(**dict(base, bias=0.0), bias_steps=0), tasks,
+                               step=7, seq_index=idx)
+    assert torch.equal(limited(7)[1], unbiased[1]) and not torch.equal(with_bias[1], unbiased[1])
+    early = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=4, seq_index=idx)
+    assert torch.equal(limited(4)[1], early[1])
+
+
+def test_sample_sequences_bias_task_puts_the_last_slots_on_task_zero():
     x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
     for step in range(5):
         ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, data.FRESH,
@@ -232,7 +244,7 @@ def test_bias_task_puts_the_last_slots_on_task_zero():
         assert (ids[30:] == 0).all() and (ids[:30] != 0).all()
 
 
-def test_sequences_of_one_slot_share_a_task_and_slots_differ():
+def test_sample_sequences_of_one_slot_share_a_task_and_slots_differ():
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
     x, y, ids = data.sample_sequences(x_all, y_all, 1, 2, torch.arange(32), 20, data.FRESH,
                                       batch_size=32, seqs_per_task=8)
@@ -240,7 +252,7 @@ def test_sequences_of_one_slot_share_a_task_and_slots_differ():
     assert not torch.equal(x[0], x[1])                     # the same task, other examples
 
 
-def test_no_example_repeats_within_a_sequence():
+def test_draw_examples_never_repeats_within_a_sequence():
     x_all, y_all = torch.randn(1000, 8), torch.randint(0, 10, (1000,))
     for step in range(5):
         x = data.sample_sequences(x_all, y_all, 0, step, torch.arange(64), 100, data.FRESH)[0]
@@ -250,32 +262,7 @@ def test_no_example_repeats_within_a_sequence():
     assert all(len(set(row)) == 100 for row in idx.tolist()) and idx.max() < 60000
 
 
-def test_identity_task_is_the_base_dataset_as_it_is():
-    x, y = torch.randn(3, 5, 4), torch.randint(0, 10, (3, 5))
-    ids = torch.tensor([data.IDENTITY_TASK, 7, data.IDENTITY_TASK])
-    x_t, y_t = data.apply_tasks(x, y, ids)
-    assert torch.equal(x_t[0], x[0]) and torch.equal(y_t[2], y[2])
-    assert not torch.allclose(x_t[1], x[1])
-
-
-def test_random_dataset_draws_new_images_for_every_task():
-    x_all, y_all = data.load_dataset("random", 7)["train"]
-    imgs = x_all.images(torch.tensor([3, 3, 4]))                          # (3, 10, 49)
-    assert imgs.shape == (3, 10, 49) and torch.equal(imgs[0], imgs[1])
-    assert not torch.allclose(imgs[0], imgs[2])
-    assert abs(imgs.mean().item()) < 0.2 and abs(imgs.std().item() - 1) < 0.1  # z-normalised
-    x, y, ids = data.sample_sequences(x_all, y_all, 0, 0, torch.arange(4), 30, data.FRESH)
-    assert x.shape == (4, 30, 49) and len(torch.unique(x[0], dim=0)) <= 10
-
-
-def test_channels_3_tiles_grayscale_as_the_authors_channel_expand():
-    gray = np.random.default_rng(0).integers(0, 256, (5, 8, 8)).astype(np.uint8)
-    x3 = data.to_inputs(gray, 8, (0.0, 1.0), channels=3)[0].view(5, 8, 8, 3)
-    assert torch.equal(x3[..., 0], x3[..., 1]) and torch.equal(x3[..., 0], x3[..., 2])
-    assert torch.equal(x3[..., 0].flatten(1), data.to_inputs(gray, 8, (0.0, 1.0))[0])
-
-
-def test_sequences_do_not_depend_on_how_the_batch_is_split():
+def test_sample_sequences_does_not_depend_on_how_the_batch_is_split():
     d = {"x": torch.randn(100, 9), "y": torch.randint(0, 10, (100,))}
     whole = data.sample_sequences(d["x"], d["y"], 3, 7, torch.arange(8), 12, 2 ** 10)
     halves = [data.sample_sequences(d["x"], d["y"], 3, 7, torch.arange(4) + k, 12, 2 ** 10)
@@ -286,7 +273,14 @@ def test_sequences_do_not_depend_on_how_the_batch_is_split():
     assert not torch.equal(whole[1], other_step[1])
 
 
-def test_preprocessing_z_normalises_with_training_statistics():
+def test_to_inputs_channels_3_tiles_grayscale_as_the_authors_channel_expand():
+    gray = np.random.default_rng(0).integers(0, 256, (5, 8, 8)).astype(np.uint8)
+    x3 = data.to_inputs(gray, 8, (0.0, 1.0), channels=3)[0].view(5, 8, 8, 3)
+    assert torch.equal(x3[..., 0], x3[..., 1]) and torch.equal(x3[..., 0], x3[..., 2])
+    assert torch.equal(x3[..., 0].flatten(1), data.to_inputs(gray, 8, (0.0, 1.0))[0])
+
+
+def test_load_dataset_z_normalises_with_training_statistics():
     d = data.load_dataset("mnist", 14)
     x_train, y_train = d["train"]
     assert x_train.shape == (60000, 196) and d["test"][0].shape == (10000, 196)
@@ -300,13 +294,14 @@ def test_preprocessing_z_normalises_with_training_statistics():
     assert len(rnd[0]) == 10 and rnd[0].n_x == 49 and torch.equal(rnd[1], torch.arange(10))
 
 
-# -----------------------------------------------------------------------------
-# Tokens and learners (gpicl.py, models.py)
 
-def test_tokens_carry_the_previous_label_and_zeros_first():
+# -----------------------------------------------------------------------------
+# 3. Tokens: [A x_t ; onehot(y_{t-1})] (data.make_tokens)
+
+def test_make_tokens_carry_the_previous_label_and_zeros_first():
     x = torch.randn(2, 5, 3)
     y = torch.tensor([[4, 1, 9, 0, 2], [0, 0, 3, 3, 7]])
-    tok = gpicl.make_tokens(x, y)
+    tok = data.make_tokens(x, y)
     assert tok.shape == (2, 5, 13)
     assert torch.equal(tok[..., :3], x)
     assert (tok[:, 0, 3:] == 0).all()
@@ -315,62 +310,34 @@ def test_tokens_carry_the_previous_label_and_zeros_first():
         assert torch.equal(tok[:, t, 3:].sum(-1), torch.ones(2))
 
 
-def kinds(*slow):
-    """Every learner kind for a parametrized test, the named ones marked slow (> ~3 s here)."""
-    return [pytest.param(k, marks=pytest.mark.slow) if k in slow else k for k in models.MODELS]
 
-
-def small(kind, seq_len=12, n_x=6):
-    sizes = dict(width=16, n_layer=2, n_head=2, key_size=4)
-    cfg = models.model_config(kind, n_x + 10, seq_len, **{k: v for k, v in sizes.items()
-                                                          if k in models.MODELS[kind].defaults})
-    torch.manual_seed(0)
-    return models.build(kind, n_x + 10, 10, **cfg).eval()
-
+# -----------------------------------------------------------------------------
+# 4. Causality: the output at t depends on tokens 0..t only (models.py)
 
 @pytest.mark.parametrize("kind", kinds("lstm", "fwm", "vsml"))  # recurrences step by step
-def test_no_position_sees_its_own_label_or_the_future(kind):
+def test_every_learner_is_causal_no_position_sees_its_own_label_or_the_future(kind):
     T, n_x = 12, 6
     model = small(kind, T, n_x)
     x, y = torch.randn(3, T, n_x), torch.randint(0, 10, (3, T))
     with torch.no_grad():
-        base = model(gpicl.make_tokens(x, y))
+        base = model(data.make_tokens(x, y))
         for t in range(T):
             x2, y2 = x.clone(), y.clone()
             y2[:, t] = (y2[:, t] + 1) % 10                              # its own label
             x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])             # everything after t
             y2[:, t + 1:] = torch.randint(0, 10, y2[:, t + 1:].shape)
-            out = model(gpicl.make_tokens(x2, y2))
+            out = model(data.make_tokens(x2, y2))
             assert torch.allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5), (kind, t)
             if t + 1 < T:                                               # and the future does matter
                 assert not torch.allclose(out[:, t + 1:], base[:, t + 1:], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", kinds("fwm"))
-def test_state_size_is_the_state_the_model_carries(kind):
-    T = 12
-    model = small(kind, T)
-    count = lambda b: sum(s.numel() for s in model.carried_state(torch.randn(b, T, 16)))
-    assert count(3) - count(2) == model.state_size(T)                   # floats per sequence
-    assert count(2) == 2 * model.state_size(T)                          # and nothing shared
-
-
-@pytest.mark.slow
-def test_transformer_state_is_the_kv_cache_whatever_the_width():
-    # 2 keys/values x 4 layers x 100 positions x 8 heads x key size 32, at any width
-    for width in (2, 64, 512):
-        cfg = models.model_config("transformer", 26, 100, width=width, key_size=32)
-        assert models.build("transformer", 26, 10, **cfg).state_size(100) == 204800
-    cfg = models.model_config("transformer", 26, 100, key_size=5)
-    assert models.build("transformer", 26, 10, **cfg).state_size(100) == 2 * 4 * 100 * 8 * 5
-
-
 @pytest.mark.parametrize("width", [1, 2, 3])
-def test_narrow_transformers_build_and_stay_causal(width):
+def test_transformer_of_width_1_to_3_builds_and_stays_causal(width):
     T = 8
-    cfg = models.model_config("transformer", 16, T, width=width, n_layer=2)
+    sizes = models.learner_sizes("transformer", 16, T, width=width, n_layer=2)
     torch.manual_seed(0)
-    model = models.build("transformer", 16, 10, **cfg).eval()
+    model = models.build("transformer", 16, 10, **sizes).eval()
     tokens = torch.randn(4, T, 16)
     later = tokens.clone()
     later[:, 5:] = torch.randn(4, T - 5, 16)
@@ -382,7 +349,90 @@ def test_narrow_transformers_build_and_stay_causal(width):
         assert not torch.allclose(out[:, 5:], out_later[:, 5:])         # and the future matters
 
 
-def test_lstm_gates_start_as_haikus():
+
+# -----------------------------------------------------------------------------
+# 5. Learners and their state sizes (models.py)
+
+def state_read_while_running(model, tokens, monkeypatch):
+    """Floats the learner reads back from its past while it runs on tokens, per sequence, counted
+    from the tensors its computation really takes, not from what its class declares: the keys
+    and values every attention call reads (the KV cache), nn.LSTM's final h and c, the state an
+    outer-product cell is handed at its last step, the weights and Adam moments of the sgd
+    learner's last inner step."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(q, k, v, **kw):
+        seen.append(k.numel() + v.numel())
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(models.F, "scaled_dot_product_attention", attention)
+    adam_step = models.adam_step
+
+    def inner_step(w, g, m, v, t, lr):
+        seen[:] = [sum(p.numel() for p in (*w, *m, *v))]                 # the last step's
+        return adam_step(w, g, m, v, t, lr)
+    monkeypatch.setattr(models, "adam_step", inner_step)
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.LSTM):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, out: seen.append(sum(s.numel() for s in out[1]))))
+        if isinstance(module, models.OuterLSTMCell):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, i: seen.__setitem__(slice(None), [sum(s.numel() for s in i[1])])))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return sum(seen) // len(tokens)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm", "outer_lstm", "sgd", "mlp"])
+def test_state_size_is_what_the_learner_reads_back_while_it_runs(kind, monkeypatch):
+    T = 12
+    model = small(kind, T)
+    assert state_read_while_running(model, torch.randn(2, T, 16), monkeypatch) == model.state_size(T)
+
+
+def test_transformer_state_is_the_kv_cache_attention_reads_whatever_the_width(monkeypatch):
+    T, n_in = 20, 26
+    for width in (2, 16, 64):
+        sizes = models.learner_sizes("transformer", n_in, T, width=width, n_layer=2, n_head=3,
+                                     key_size=5)
+        model = models.build("transformer", n_in, 10, **sizes).eval()
+        read = state_read_while_running(model, torch.randn(2, T, n_in), monkeypatch)
+        assert read == model.state_size(T) == 2 * 2 * T * 3 * 5   # keys and values: not the width
+
+
+def test_learner_sizes_solves_for_a_state_size_or_names_the_nearest():
+    assert models.learner_sizes("lstm", 206, 100, state_size=1024)["width"] == 512
+    sizes = models.learner_sizes("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
+    assert sizes["key_size"] == 32 and sizes["width"] == 512                 # the width stays
+    sizes = models.learner_sizes("transformer", 206, 100, width=64, n_head=4, state_size=12800)
+    assert sizes["key_size"] == 4 and sizes["width"] == 64
+    with pytest.raises(ValueError, match="nearest reachable state sizes are 6400 or 12800"):
+        models.learner_sizes("transformer", 206, 100, n_layer=4, n_head=8, state_size=10000)
+    with pytest.raises(ValueError, match="1022 or 1024"):
+        models.learner_sizes("lstm", 206, 100, state_size=1023)
+
+
+@pytest.mark.parametrize("kind, sizes, match", [
+    ("lstm", dict(n_head=8), "n_head does not apply"),
+    ("lstm", dict(key_size=8), "key_size does not apply"),
+    ("fwm", dict(n_layer=2), "n_layer does not apply"),
+    ("mlp", dict(n_head=2), "n_head does not apply"),
+    ("outer_lstm", dict(n_layer=2), "n_layer does not apply"),
+    ("sgd", dict(n_layer=3), "n_layer does not apply"),
+    ("lstm", dict(width=64, state_size=1024), "width or state_size, not both"),
+    ("transformer", dict(key_size=8, state_size=204800), "key_size or state_size, not both"),
+])
+def test_learner_sizes_rejects_what_a_learner_would_ignore(kind, sizes, match):
+    with pytest.raises(ValueError, match=match) as e:
+        models.learner_sizes(kind, 26, 100, **sizes)
+    assert "\n" not in str(e.value)
+
+
+def test_haiku_lstm_init_starts_the_gates_as_haikus():
     for lstm in (small("lstm").lstm, small("fwm").lstm, small("vsml").cell):
         h = lstm.hidden_size
         for name, p in lstm.named_parameters():
@@ -403,17 +453,218 @@ def test_lstm_gates_start_as_haikus():
     assert lin.weight.abs().max() <= 2 * lin.in_features ** -0.5 + 1e-7
 
 
-def test_lstm_gate_bias_moves_as_one_bias_under_adam():
+def test_haiku_lstm_init_gate_bias_moves_as_one_bias_under_adam():
     # Haiku has one bias per gate; torch's bias_ih + bias_hh would take two Adam steps of ~lr
     torch.manual_seed(0)
     model = small("lstm")
     lstm = model.lstm
     before = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().clone()
     opt = train.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01, eps_root=0.0)
-    gpicl.meta_loss(model, torch.randn(4, 6, 6), torch.randint(0, 10, (4, 6))).backward()
+    x, y = torch.randn(4, 6, 6), torch.randint(0, 10, (4, 6))
+    F.cross_entropy(model(data.make_tokens(x, y)).flatten(0, 1), y.flatten()).backward()
     opt.step()
     moved = ((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach() - before).abs()
     assert moved.max() <= 0.01 * (1 + 1e-4) and moved.max() > 0.005    # Adam's first step: ~lr
+
+
+def test_sgd_learner_does_not_depend_on_the_batch_layout():
+    model = models.build("sgd", 26, 10, **models.learner_sizes("sgd", 26, 10)).eval()
+    tokens = torch.randn(8, 10, 26)
+    whole = model(tokens)                                                # (8, 10, 10)
+    assert torch.equal(whole[:1], model(tokens[:1])) and torch.equal(whole[3:5], model(tokens[3:5]))
+
+
+def test_sgd_learner_gives_each_sequence_its_own_init_from_its_content():
+    model = models.build("sgd", 26, 10, **models.learner_sizes("sgd", 26, 10)).eval()
+    tokens = torch.randn(3, 10, 26)
+    tokens[1] = tokens[0]                                                # same content, twice
+    w0, _, w2, _ = model.initial_weights(tokens)                         # (3, 16, 128), (3, 128, 10)
+    assert torch.equal(w0[0], w0[1]) and torch.equal(w2[0], w2[1])
+    assert not torch.allclose(w0[0], w0[2]) and not torch.allclose(w2[0], w2[2])
+    again = model.initial_weights(tokens.clone())[0]                     # deterministic
+    assert torch.equal(again, w0)
+    std = 16 ** -0.5                                                     # hk.Linear's: 1/sqrt(fan_in)
+    assert w0.abs().max() <= 2 * std + 1e-7 and abs(w0.std().item() / (0.87962566 * std) - 1) < 0.1
+    maml = models.build("maml", 26, 10, **models.learner_sizes("maml", 26, 10))
+    w = maml.initial_weights(tokens)[0]                                  # one meta-learned init
+    assert torch.equal(w[0], w[2])
+
+
+
+# -----------------------------------------------------------------------------
+# 6. The loss, and its optimizer: the authors' Adam (train.py)
+
+def test_train_minimises_the_cross_entropy_at_every_position_of_the_meta_batch(tmp_path):
+    argv = [*TINY, "--steps", "1", "--log-every", "1", "--eval-every", "1000", "--baselines", "off",
+            "--out-dir", str(tmp_path / "r")]
+    train.main(argv)
+    logged = next(r["loss"] for r in map(json.loads, open(tmp_path / "r" / "log.jsonl")) if "loss" in r)
+    # by hand: the same learner at its init, on step 0's meta-batch, -log p(y_t) averaged over t
+    parser = configurator.get_parser()
+    args = parser.parse_args(argv)
+    configurator.apply_preset(args)
+    args.device = "cpu"
+    tasks, _ = train.load_data(parser, args, [])
+    x, y = train.get_batch(args, tasks, step=0, seq_index=torch.arange(args.batch_size))
+    n_in = x.shape[-1] + 10
+    torch.manual_seed(args.seed)
+    model = models.build("transformer", n_in, 10, **models.learner_sizes(
+        "transformer", n_in, args.seq_len, width=16, n_layer=1, n_head=2))
+    with torch.no_grad():
+        logp = model(data.make_tokens(x, y)).log_softmax(-1)                # (B, T, 10)
+    by_hand = -logp.gather(-1, y[..., None]).mean().item()             # every position counts
+    assert logged == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_train_adam_matches_optax_formula_with_eps_root():
+    # two steps by hand: update = lr * m_hat / (sqrt(v_hat + eps_root) + eps)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3e-5]))
+    grads = [torch.tensor([0.5, -1e-4, 2e-6]), torch.tensor([0.1, 3e-4, -1e-6])]
+    opt = train.Adam([p], lr=0.1, eps=1e-8, eps_root=1e-8)
+    want, m, v = p.detach().double().clone(), 0, 0
+    for t, g in enumerate(grads, 1):
+        p.grad = g.clone()
+        opt.step()
+        g = g.double()
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        want -= 0.1 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t) + 1e-8).sqrt() + 1e-8)
+        assert torch.allclose(p.detach().double(), want, rtol=1e-6, atol=1e-9)
+    # eps_root damps a tiny gradient: its step is far below lr, where torch's Adam steps ~lr
+    q, r = (torch.nn.Parameter(torch.tensor([0.0])) for _ in range(2))
+    ours, ref = train.Adam([q], lr=0.1), torch.optim.Adam([r], lr=0.1, eps=1e-8)
+    q.grad, r.grad = torch.tensor([2e-6]), torch.tensor([2e-6])
+    ours.step(), ref.step()
+    assert abs(q.item()) < 0.01 and abs(r.item()) > 0.09
+
+
+
+def test_lr_at_wsd_schedule_holds_the_rate_then_cools_down_linearly_to_a_tenth():
+    args = argparse.Namespace(lr=1e-3, warmup=0, schedule="wsd", steps=400)
+    lr = [train.lr_at(s, args) for s in range(400)]
+    assert lr[0] == lr[299] == 1e-3                                     # the first three quarters
+    assert lr[350] == pytest.approx(1e-3 * (1 - 0.9 * 0.5))             # half-way down
+    assert all(a > b for a, b in zip(lr[300:], lr[301:]))               # falling, to
+    assert lr[-1] == pytest.approx(1e-4, rel=0.1)                       # 10% at the end
+
+
+# -----------------------------------------------------------------------------
+# 7. Evaluation: learning curves, intervals over tasks, regimes, baselines (gpicl.py)
+
+def test_summarize_gives_the_curve_first_last_and_improvement():
+    correct = torch.zeros(400, 5, dtype=torch.bool)
+    correct[:100, 0] = True                                             # 25% at the start
+    correct[:300, -1] = True                                            # 75% at the end
+    s = gpicl.summarize(correct)
+    assert s["first"] == 0.25 and s["last"] == 0.75
+    assert abs(s["improvement"] - 0.5) < 1e-6
+    last = correct[:, -1].float()
+    assert abs(s["last_ci"] - 1.96 * last.std().item() / math.sqrt(400)) < 1e-6
+    assert 0 < s["improvement_ci"] < 0.1
+
+
+def test_seen_task_ids_and_summarize_with_one_training_task():
+    # with num_tasks 1 the seen set is that task; the interval is over its sequences (no NaN),
+    # so "task memorisation" can be recognised
+    ids = gpicl.seen_task_ids(32, 1, "cpu")
+    assert ids.tolist() == [0] * 32
+    assert gpicl.seen_task_ids(6, 4, "cpu").tolist() == [0, 1, 2, 3, 0, 1]      # every task
+    correct = torch.zeros(64, 10, dtype=torch.bool)
+    correct[:48, -1] = True                                                # 0.75 at the end
+    s = gpicl.summarize(correct, torch.zeros(64, dtype=torch.long))
+    assert s["tasks"] == 1 and math.isfinite(s["last_ci"]) and 0 < s["last_ci"] < 0.15
+    res = {"seen mnist": s, "unseen mnist": gpicl.summarize(correct[:, :1].repeat(1, 10))}
+    assert gpicl.regime(res) == "task memorisation"
+
+
+def test_summarize_takes_intervals_over_tasks_not_sequences():
+    # 4 tasks x 100 sequences: two tasks always right at the end, two never. Over 400
+    # "independent" sequences the interval would be +-0.05; over 4 tasks it is +-0.57.
+    correct = torch.zeros(400, 5, dtype=torch.bool)
+    correct[:200, -1] = True
+    task_ids = torch.arange(4).repeat_interleave(100) * 7 - 3             # any ids, grouped
+    s = gpicl.summarize(correct, task_ids)
+    assert s["last"] == 0.5 and s["tasks"] == 4 and s["n"] == 400
+    assert abs(s["last_ci"] - 1.96 * torch.tensor([1.0, 1, 0, 0]).std().item() / 2) < 1e-6
+    assert abs(s["improvement_ci"] - s["last_ci"]) < 1e-6                 # first is all wrong
+
+
+def test_regime_follows_seen_and_unseen_improvement():
+    r = lambda imp: {"improvement": imp, "improvement_ci": 0.02}
+    assert gpicl.regime({"seen mnist": r(0.0), "unseen mnist": r(0.0)}) == "instance memorisation"
+    assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.01)}) == "task memorisation"
+    assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.5)}) == "learning-to-learn"
+
+
+# Baselines scored on the learner's own evaluation sequences (gpicl.evaluate)
+
+class RecordingLearner(torch.nn.Module):
+    """A learner that keeps every token batch it reads and always predicts label 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = []
+
+    def forward(self, tokens):                                          # (B, T, N_x + 10)
+        self.tokens.append(tokens.clone())
+        return F.one_hot(torch.zeros(tokens.shape[:2], dtype=torch.long), 10).float()
+
+
+def recording(predict, seen):
+    def baseline(x, y):
+        seen.append((x.clone(), y.clone()))
+        return predict(x, y)
+    return baseline
+
+
+def test_evaluate_gives_the_baselines_the_very_sequences_the_learner_reads():
+    torch.manual_seed(0)
+    x_all, y_all = torch.randn(40, 4), torch.randint(0, 10, (40,))
+    task_ids = data.unseen_task_ids(3).repeat_interleave(4)             # 3 tasks x 4 sequences
+    T, nn_in, sgd_in, learner = 6, [], [], RecordingLearner()
+    baselines = {"1-NN": (recording(gpicl.nearest_neighbour, nn_in), None),
+                 "SGD": (recording(gpicl.gradient_descent, sgd_in), 2)}
+    # batches of 5 cut across tasks, so SGD's first-2-per-task subset is picked within batches
+    r = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5,
+                       baselines=baselines)["s"]
+    x, y = data.task_sequences(x_all, y_all, task_ids, T, torch.arange(12), gpicl.EVAL_SEED)
+    tokens = torch.cat(learner.tokens)                                  # what the learner read
+    assert torch.equal(tokens, data.make_tokens(x, y))
+    assert torch.equal(torch.cat([a for a, _ in nn_in]), x) and \
+        torch.equal(torch.cat([b for _, b in nn_in]), y)                # 1-NN: every sequence
+    first2 = torch.tensor([0, 1, 4, 5, 8, 9])                           # SGD: 2 of each task,
+    assert len(nn_in) == 3 and len(sgd_in) == 1                         # gathered into 1 batch
+    assert torch.equal(torch.cat([a for a, _ in sgd_in]), x[first2]) and \
+        torch.equal(torch.cat([b for _, b in sgd_in]), y[first2])
+    assert r["curve"] == gpicl.summarize(y == 0, task_ids)["curve"]     # the learner's own score
+    nn = gpicl.summarize(gpicl.nearest_neighbour(x, y) == y, task_ids)
+    assert r["baselines"]["1-NN"] == nn and nn["n"] == 12
+    assert r["baselines"]["SGD"]["n"] == 6 and r["baselines"]["SGD"]["tasks"] == 3
+    # the default baselines: 1-NN with the same numbers, logistic regression on up to 8
+    # sequences of each task (all 4 here), SGD on every sequence
+    default = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5)["s"]
+    assert list(default["baselines"]) == ["1-NN", "logistic regression", "SGD"]
+    assert default["baselines"]["1-NN"] == r["baselines"]["1-NN"]
+    assert default["baselines"]["SGD"]["n"] == default["baselines"]["logistic regression"]["n"] == 12
+    assert "baselines" not in gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T,
+                                             baselines=False)["s"]
+
+
+def test_nearest_neighbour_predicts_the_label_of_the_nearest_earlier_example():
+    # 2-D points, worked by hand. Sequence 0: position 2 is as far from 0 as from 1 (a tie:
+    # the earliest wins); position 3 repeats position 1; position 4 is nearest to position 2.
+    x = torch.tensor([[[0., 0], [4, 0], [2, 0], [4, 0], [2, 1]],
+                      [[0., 0], [0, 5], [0, 1], [0, 4], [9, 9]]])
+    y = torch.tensor([[5, 6, 7, 8, 9],
+                      [1, 2, 1, 2, 2]])
+    pred = gpicl.nearest_neighbour(x, y)
+    assert pred.tolist() == [[0, 5, 5, 6, 7],                         # position 0: label 0
+                             [0, 1, 1, 2, 2]]
+    acc = gpicl.summarize(pred == y)["curve"]
+    assert acc == [0.0, 0.0, 0.5, 0.5, 0.5]
+    # causal: changing the future (and the current label) changes no prediction before it
+    y2, x2 = y.clone(), x.clone()
+    y2[:, 3:], x2[:, 4] = 0, 100.0
+    assert torch.equal(gpicl.nearest_neighbour(x2, y2)[:, :4], pred[:, :4])
 
 
 def test_logistic_regression_separates_where_the_nearest_neighbour_misleads():
@@ -448,183 +699,22 @@ def test_logistic_regression_fit_is_the_regularised_minimum():
     assert gpicl.logistic_regression(x, y, l2=l2, steps=200)[0, 40] == exact
 
 
-def test_l2_is_chosen_on_training_tasks_from_the_grid():
+def test_choose_l2_picks_from_the_grid_on_training_tasks():
     # labels set by the sign of x0: a light penalty separates them, a heavy one (100) cannot
     x_all = torch.randn(300, 4)
     y_all = (x_all[:, 0] > 0).long() * 3                                 # labels 0 and 3
     assert gpicl.choose_l2(x_all, y_all, seq_len=30, grid=(100.0, 1e-2), n_tasks=2) == 1e-2
 
 
-def test_sgd_baseline_does_not_depend_on_the_batch_layout():
-    model = models.build("sgd", 26, 10, **models.model_config("sgd", 26, 10)).eval()
-    tokens = torch.randn(8, 10, 26)
-    whole = model(tokens)                                                # (8, 10, 10)
-    assert torch.equal(whole[:1], model(tokens[:1])) and torch.equal(whole[3:5], model(tokens[3:5]))
-
-
-def test_sgd_gives_each_sequence_its_own_init_from_its_content():
-    model = models.build("sgd", 26, 10, **models.model_config("sgd", 26, 10)).eval()
-    tokens = torch.randn(3, 10, 26)
-    tokens[1] = tokens[0]                                                # same content, twice
-    w0, _, w2, _ = model.initial_weights(tokens)                         # (3, 16, 128), (3, 128, 10)
-    assert torch.equal(w0[0], w0[1]) and torch.equal(w2[0], w2[1])
-    assert not torch.allclose(w0[0], w0[2]) and not torch.allclose(w2[0], w2[2])
-    again = model.initial_weights(tokens.clone())[0]                     # deterministic
-    assert torch.equal(again, w0)
-    std = 16 ** -0.5                                                     # hk.Linear's: 1/sqrt(fan_in)
-    assert w0.abs().max() <= 2 * std + 1e-7 and abs(w0.std().item() / (0.87962566 * std) - 1) < 0.1
-    maml = models.build("maml", 26, 10, **models.model_config("maml", 26, 10))
-    w = maml.initial_weights(tokens)[0]                                  # one meta-learned init
-    assert torch.equal(w[0], w[2])
-
-
-def test_state_size_flag_picks_the_size_or_names_the_nearest():
-    assert models.model_config("lstm", 206, 100, state_size=1024)["width"] == 512
-    cfg = models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)
-    assert cfg["key_size"] == 32 and cfg["width"] == 512                 # the width stays
-    cfg = models.model_config("transformer", 206, 100, width=64, n_head=4, state_size=12800)
-    assert cfg["key_size"] == 4 and cfg["width"] == 64
-    with pytest.raises(ValueError, match="nearest reachable state sizes are 6400 or 12800"):
-        models.model_config("transformer", 206, 100, n_layer=4, n_head=8, state_size=10000)
-    with pytest.raises(ValueError, match="1022 or 1024"):
-        models.model_config("lstm", 206, 100, state_size=1023)
-
-
-@pytest.mark.parametrize("kind, sizes, match", [
-    ("lstm", dict(n_head=8), "n_head does not apply"),
-    ("lstm", dict(key_size=8), "key_size does not apply"),
-    ("fwm", dict(n_layer=2), "n_layer does not apply"),
-    ("mlp", dict(n_head=2), "n_head does not apply"),
-    ("outer_lstm", dict(n_layer=2), "n_layer does not apply"),
-    ("sgd", dict(n_layer=3), "n_layer does not apply"),
-    ("lstm", dict(width=64, state_size=1024), "width or state_size, not both"),
-    ("transformer", dict(key_size=8, state_size=204800), "key_size or state_size, not both"),
-])
-def test_model_config_rejects_what_a_learner_would_ignore(kind, sizes, match):
-    with pytest.raises(ValueError, match=match) as e:
-        models.model_config(kind, 26, 100, **sizes)
-    assert "\n" not in str(e.value)
-
-
-# -----------------------------------------------------------------------------
-# Evaluation and regimes
-
-def test_summary_statistics():
-    correct = torch.zeros(400, 5, dtype=torch.bool)
-    correct[:100, 0] = True                                             # 25% at the start
-    correct[:300, -1] = True                                            # 75% at the end
-    s = gpicl.summarize(correct)
-    assert s["first"] == 0.25 and s["last"] == 0.75
-    assert abs(s["improvement"] - 0.5) < 1e-6
-    last = correct[:, -1].float()
-    assert abs(s["last_ci"] - 1.96 * last.std().item() / math.sqrt(400)) < 1e-6
-    assert 0 < s["improvement_ci"] < 0.1
-
-
-def test_one_training_task_is_evaluated_over_its_sequences():
-    # with num_tasks 1 the seen set is that task; the interval is over its sequences (no NaN),
-    # so "task memorisation" can be recognised
-    ids = gpicl.seen_task_ids(32, 1, "cpu")
-    assert ids.tolist() == [0] * 32
-    assert gpicl.seen_task_ids(6, 4, "cpu").tolist() == [0, 1, 2, 3, 0, 1]      # every task
-    correct = torch.zeros(64, 10, dtype=torch.bool)
-    correct[:48, -1] = True                                                # 0.75 at the end
-    s = gpicl.summarize(correct, torch.zeros(64, dtype=torch.long))
-    assert s["tasks"] == 1 and math.isfinite(s["last_ci"]) and 0 < s["last_ci"] < 0.15
-    res = {"seen mnist": s, "unseen mnist": gpicl.summarize(correct[:, :1].repeat(1, 10))}
-    assert gpicl.regime(res) == "task memorisation"
-
-
-def test_confidence_intervals_are_over_tasks_not_sequences():
-    # 4 tasks x 100 sequences: two tasks always right at the end, two never. Over 400
-    # "independent" sequences the interval would be +-0.05; over 4 tasks it is +-0.57.
-    correct = torch.zeros(400, 5, dtype=torch.bool)
-    correct[:200, -1] = True
-    task_ids = torch.arange(4).repeat_interleave(100) * 7 - 3             # any ids, grouped
-    s = gpicl.summarize(correct, task_ids)
-    assert s["last"] == 0.5 and s["tasks"] == 4 and s["n"] == 400
-    assert abs(s["last_ci"] - 1.96 * torch.tensor([1.0, 1, 0, 0]).std().item() / 2) < 1e-6
-    assert abs(s["improvement_ci"] - s["last_ci"]) < 1e-6                 # first is all wrong
-
-
-def test_regimes_follow_seen_and_unseen_improvement():
-    r = lambda imp: {"improvement": imp, "improvement_ci": 0.02}
-    assert gpicl.regime({"seen mnist": r(0.0), "unseen mnist": r(0.0)}) == "instance memorisation"
-    assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.01)}) == "task memorisation"
-    assert gpicl.regime({"seen mnist": r(0.5), "unseen mnist": r(0.5)}) == "learning-to-learn"
-
-
-# Baselines scored on the learner's own evaluation sequences (gpicl.evaluate)
-
-class RecordingLearner(torch.nn.Module):
-    """A learner that keeps every token batch it reads and always predicts label 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens = []
-
-    def forward(self, tokens):                                          # (B, T, N_x + 10)
-        self.tokens.append(tokens.clone())
-        return F.one_hot(torch.zeros(tokens.shape[:2], dtype=torch.long), 10).float()
-
-
-def recording(predict, seen):
-    def baseline(x, y):
-        seen.append((x.clone(), y.clone()))
-        return predict(x, y)
-    return baseline
-
-
-def test_baselines_read_the_very_sequences_the_learner_reads():
-    torch.manual_seed(0)
-    x_all, y_all = torch.randn(40, 4), torch.randint(0, 10, (40,))
-    task_ids = data.unseen_task_ids(3).repeat_interleave(4)             # 3 tasks x 4 sequences
-    T, nn_in, sgd_in, learner = 6, [], [], RecordingLearner()
-    baselines = {"1-NN": (recording(gpicl.nearest_neighbour, nn_in), None),
-                 "SGD": (recording(gpicl.gradient_descent, sgd_in), 2)}
-    # batches of 5 cut across tasks, so SGD's first-2-per-task subset is picked within batches
-    r = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5,
-                       baselines=baselines)["s"]
-    x, y = data.task_sequences(x_all, y_all, task_ids, T, torch.arange(12), gpicl.EVAL_SEED)
-    tokens = torch.cat(learner.tokens)                                  # what the learner read
-    assert torch.equal(tokens, gpicl.make_tokens(x, y))
-    assert torch.equal(torch.cat([a for a, _ in nn_in]), x) and \
-        torch.equal(torch.cat([b for _, b in nn_in]), y)                # 1-NN: every sequence
-    first2 = torch.tensor([0, 1, 4, 5, 8, 9])                           # SGD: 2 of each task,
-    assert len(nn_in) == 3 and len(sgd_in) == 1                         # gathered into 1 batch
-    assert torch.equal(torch.cat([a for a, _ in sgd_in]), x[first2]) and \
-        torch.equal(torch.cat([b for _, b in sgd_in]), y[first2])
-    assert r["curve"] == gpicl.summarize(y == 0, task_ids)["curve"]     # the learner's own score
-    nn = gpicl.summarize(gpicl.nearest_neighbour(x, y) == y, task_ids)
-    assert r["baselines"]["1-NN"] == nn and nn["n"] == 12
-    assert r["baselines"]["SGD"]["n"] == 6 and r["baselines"]["SGD"]["tasks"] == 3
-    # the default baselines are these two, with the same numbers
-    default = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5)["s"]
-    assert default["baselines"] == r["baselines"]
-    assert "baselines" not in gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T,
-                                             baselines=False)["s"]
-
-
-def test_baseline_nn_predicts_the_label_of_the_nearest_earlier_example():
-    # 2-D points, worked by hand. Sequence 0: position 2 is as far from 0 as from 1 (a tie:
-    # the earliest wins); position 3 repeats position 1; position 4 is nearest to position 2.
-    x = torch.tensor([[[0., 0], [4, 0], [2, 0], [4, 0], [2, 1]],
-                      [[0., 0], [0, 5], [0, 1], [0, 4], [9, 9]]])
-    y = torch.tensor([[5, 6, 7, 8, 9],
-                      [1, 2, 1, 2, 2]])
-    pred = gpicl.nearest_neighbour(x, y)
-    assert pred.tolist() == [[0, 5, 5, 6, 7],                         # position 0: label 0
-                             [0, 1, 1, 2, 2]]
-    acc = gpicl.summarize(pred == y)["curve"]
-    assert acc == [0.0, 0.0, 0.5, 0.5, 0.5]
-    # causal: changing the future (and the current label) changes no prediction before it
-    y2, x2 = y.clone(), x.clone()
-    y2[:, 3:], x2[:, 4] = 0, 100.0
-    assert torch.equal(gpicl.nearest_neighbour(x2, y2)[:, :4], pred[:, :4])
+def test_compact_keeps_accuracy_at_fixed_examples():
+    s = gpicl.summarize(torch.arange(120)[None].repeat(10, 1) < torch.arange(10)[:, None] * 12)
+    r = gpicl.compact({"a": dict(s, baselines={"1-NN": s})})["a"]
+    assert r["acc_at"] == {"1": 0.9, "5": 0.9, "10": 0.9, "20": 0.8, "50": 0.5, "100": 0.1}
+    assert "curve" not in r and r["baselines"]["1-NN"]["acc_at"] == r["acc_at"]
 
 
 @pytest.mark.slow
-def test_baselines_appear_in_the_table_log_and_summary_and_the_flag_removes_them(tmp_path, capsys):
+def test_train_shows_the_baselines_in_table_log_and_summary_and_the_flag_removes_them(tmp_path, capsys):
     flags = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "3",
              "--seq-len", "4", "--eval-datasets", "", "--eval-tasks", "2", "--eval-seqs", "3",
              "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--log-every", "1"]
@@ -652,336 +742,12 @@ def test_baselines_appear_in_the_table_log_and_summary_and_the_flag_removes_them
             "  1-NN", "  logistic regression", "  SGD"]
 
 
-def test_summary_compact_keeps_accuracy_at_fixed_examples():
-    s = gpicl.summarize(torch.arange(120)[None].repeat(10, 1) < torch.arange(10)[:, None] * 12)
-    r = gpicl.compact({"a": dict(s, baselines={"1-NN": s})})["a"]
-    assert r["acc_at"] == {"1": 0.9, "5": 0.9, "10": 0.9, "20": 0.8, "50": 0.5, "100": 0.1}
-    assert "curve" not in r and r["baselines"]["1-NN"]["acc_at"] == r["acc_at"]
-
 
 # -----------------------------------------------------------------------------
-# The command line (train.py)
-
-TINY = ["--image-size", "7", "--seq-len", "10", "--batch-size", "8", "--model", "transformer",
-        "--width", "16", "--n-layer", "1", "--n-head", "2", "--eval-tasks", "2", "--eval-seqs", "4",
-        "--eval-datasets", "", "--threads", "1"]
-
-
-def run_train(args, timeout=300, **kw):
-    return subprocess.run([PY, os.path.join(HERE, "train.py"), *args], capture_output=True,
-                          text=True, cwd=HERE, timeout=timeout, **kw)
-
+# 8. In-context learning: meta-training learns it; a trained learner on your own data (metatest.py)
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [
-    ["--num-tasks", "0"], ["--num-tasks", "lots"], ["--num-tasks", "2**-3"], ["--bias", "1.5"],
-    ["--lr", "-1"], ["--lr", "nan"], ["--steps", "0"], ["--model", "gru"],
-    ["--model", "transformer", "--state-size", "1001"], ["--batch-size", "7", "--grad-accum", "2"],
-    ["--eval-datasets", "imagenet"], ["--image-size", "x"], ["--num-tasks", "2**70"],
-    ["--seed", "99999999999999999999"], ["--device", "foo"], ["--device", "cuda:99"],
-    ["--out-dir", "/dev/null/run"], ["--baselines", "maybe"],
-])
-def test_bad_flags_give_one_line_and_exit_2(flags, tmp_path):
-    # a flag wrongly accepted trains 1 step
-    p = run_train([*TINY, "--steps", "1", "--out-dir", str(tmp_path / "r"), *flags])
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in p.stderr, p.stderr
-
-
-@pytest.mark.slow
-def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
-    out = str(tmp_path / "r")
-    assert run_train([*TINY, "--steps", "2", "--out-dir", out]).returncode == 0
-    before = open(os.path.join(out, "log.jsonl")).read()
-    p = run_train([*TINY, "--steps", "2", "--out-dir", out])
-    assert p.returncode == 2 and "--resume" in p.stderr
-    assert open(os.path.join(out, "log.jsonl")).read() == before
-    # nor continue it as another run: the meta-batches would not be the ones it trained on
-    p = run_train([*TINY, "--steps", "4", "--seed", "1", "--out-dir", out, "--resume"])
-    assert p.returncode == 2 and "--seed 0" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    assert open(os.path.join(out, "log.jsonl")).read() == before
-
-
-def losses(out):
-    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "log.jsonl")))
-            if "loss" in r]
-
-
-@pytest.mark.slow
-def test_resume_from_weights_only_is_one_line(tmp_path):
-    out = tmp_path / "r"
-    assert run_train([*TINY, "--steps", "1", "--out-dir", str(out)]).returncode == 0
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, out / "ckpt.pt")
-    p = run_train([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
-    assert p.returncode == 2 and "weights only" in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
-    # a run made before the fixed-permutation bias and optax's Adam (no "format", format-1 keys)
-    old = {k: v for k, v in ckpt.items() if k != "format"}
-    old["config"] = {k: v for k, v in ckpt["config"].items()
-                     if k not in ("bias_task", "seqs_per_task", "channels", "preset")}
-    torch.save(old, out / "ckpt.pt")
-    p = run_train([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
-    assert p.returncode == 2 and "older gpicl" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("log_every", [1, 4])  # 4: checkpoints fall between loss records
-def test_killed_run_resumes_with_the_same_losses(tmp_path, log_every):
-    args = [*TINY, "--steps", "60", "--log-every", str(log_every), "--ckpt-every", "5",
-            "--eval-every", "1000"]
-    whole = str(tmp_path / "whole")
-    assert run_train([*args, "--out-dir", whole]).returncode == 0
-    # the same run, killed (SIGKILL: no chance to save) after its first checkpoints
-    cut = str(tmp_path / "cut")
-    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *args, "--out-dir", cut],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = os.path.join(cut, "ckpt.pt")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(ckpt) and
-                                          torch.load(ckpt, weights_only=True)["step"] >= 10):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped = torch.load(ckpt, weights_only=True)["step"]
-    assert 10 <= stopped < 60
-    p = run_train([*args, "--out-dir", cut, "--resume"])
-    assert p.returncode == 0, p.stderr
-    assert losses(cut) == losses(whole)                                 # bit for bit, no duplicates
-    assert [s for s, _ in losses(cut)] == list(range(log_every, 61, log_every))
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
-    # a non-interactive shell starts background jobs with SIGINT ignored; train.py re-arms it
-    out = str(tmp_path / "r")
-    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *TINY, "--steps", "100000",
-                             "--eval-every", "100000", "--out-dir", out], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    log = os.path.join(out, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 0):
-        time.sleep(0.05)                                                 # it is training
-    proc.send_signal(signal.SIGINT)
-    try:
-        stdout, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()                                                      # never left running
-    assert proc.returncode == 130 and "--resume" in stdout
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] >= 50
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_ctrl_c_or_sigterm_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypatch, sig):
-    args = [*TINY, "--steps", "6", "--log-every", "2", "--eval-every", "1000"]
-    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    train.main([*args, "--out-dir", whole])
-    adam_step, calls = train.Adam.step, []
-
-    def interrupt_then_step(self):  # the signal inside step 3: its loss is summed, Adam not yet run
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), sig)
-        return adam_step(self)
-    monkeypatch.setattr(train.Adam, "step", interrupt_then_step)
-    with pytest.raises(SystemExit) as stopped:
-        train.main([*args, "--out-dir", cut])
-    assert stopped.value.code == 128 + sig                      # 130 for Ctrl-C, 143 for SIGTERM
-    assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=True)["step"] == 3
-    monkeypatch.undo()
-    train.main([*args, "--out-dir", cut, "--resume"])
-    assert losses(cut) == losses(whole)                       # step 3 counted once, whole
-
-
-def test_adam_matches_optax_formula_with_eps_root():
-    # two steps by hand: update = lr * m_hat / (sqrt(v_hat + eps_root) + eps)
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3e-5]))
-    grads = [torch.tensor([0.5, -1e-4, 2e-6]), torch.tensor([0.1, 3e-4, -1e-6])]
-    opt = train.Adam([p], lr=0.1, eps=1e-8, eps_root=1e-8)
-    want, m, v = p.detach().double().clone(), 0, 0
-    for t, g in enumerate(grads, 1):
-        p.grad = g.clone()
-        opt.step()
-        g = g.double()
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
-        want -= 0.1 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t) + 1e-8).sqrt() + 1e-8)
-        assert torch.allclose(p.detach().double(), want, rtol=1e-6, atol=1e-9)
-    # eps_root damps a tiny gradient: its step is far below lr, where torch's Adam steps ~lr
-    q, r = (torch.nn.Parameter(torch.tensor([0.0])) for _ in range(2))
-    ours, ref = train.Adam([q], lr=0.1), torch.optim.Adam([r], lr=0.1, eps=1e-8)
-    q.grad, r.grad = torch.tensor([2e-6]), torch.tensor([2e-6])
-    ours.step(), ref.step()
-    assert abs(q.item()) < 0.01 and abs(r.item()) > 0.09
-
-
-@pytest.mark.slow
-def test_time_budget_reads_durations_and_a_bad_one_is_one_line(tmp_path):
-    assert [configurator.duration(s) for s in ("300", "300s", "5m", "1.5h", " 2S ", ".5m")] == \
-        [300, 300, 300, 5400, 2, 30]
-    for bad in ("5x", "0", "-1", "1e3", "5ms", "inf", "nan", "", "m"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            configurator.duration(bad)
-    p = run_train([*TINY, "--steps", "1", "--time-budget", "5x", "--out-dir", str(tmp_path / "r")])
-    assert p.returncode == 2 and "'5x' is not a duration" in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
-
-
-@pytest.mark.slow
-def test_time_budget_ends_the_run_as_its_last_step_would_and_resume_continues(tmp_path):
-    # log, evaluation and checkpoint intervals far beyond the run: all three come from the budget
-    out = tmp_path / "r"
-    args = [*TINY, "--log-every", "100000", "--eval-every", "100000", "--out-dir", str(out)]
-    p = run_train([*args, "--steps", "1000000", "--time-budget", "2s"])
-    assert p.returncode == 0, p.stderr
-    summary = json.load(open(out / "summary.json"))
-    n = summary["step"]
-    assert summary["stopped_by"] == "time_budget" and 0 < n < 1000000
-    assert 2.0 <= summary["train_time_s"] < 10
-    assert f"stopped on the time budget (2 s) at step {n} of 1000000" in p.stdout
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == n and ckpt["last_logged"] == n
-    records = [json.loads(l) for l in open(out / "log.jsonl")]
-    assert [r["step"] for r in records] == [n, n] and "loss" in records[0]
-    assert records[1]["eval"]["unseen mnist"]["last"] == summary["results"]["unseen mnist"]["last"]
-    # resumed without a budget, it runs on to --steps
-    p = run_train([*args, "--steps", str(n + 3), "--resume"])
-    assert p.returncode == 0, p.stderr
-    summary = json.load(open(out / "summary.json"))
-    assert summary["step"] == n + 3 and summary["stopped_by"] == "steps"
-    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "eval" in r] == [n, n + 3]
-    # resumed with one, the budget counts from the resume, not from the run's first step
-    p = run_train([*args, "--steps", "1000000", "--time-budget", "1", "--resume"])
-    assert p.returncode == 0, p.stderr
-    later = json.load(open(out / "summary.json"))
-    assert later["stopped_by"] == "time_budget" and later["step"] >= n + 3 + 3
-    assert later["train_time_s"] >= summary["train_time_s"] + 1
-
-
-def test_presets_fill_what_no_flag_gives_and_flags_win():
-    parse = lambda *a: configurator.get_parser().parse_args(list(a))
-    args = parse("--device", "cpu")
-    configurator.apply_preset(args)
-    assert args.preset == "cpu" and args.image_size == 7 and args.num_tasks == data.FRESH
-    assert (args.width, args.n_layer, args.key_size) == (64, 2, 32)
-    args = parse("--preset", "paper", "--image-size", "9", "--steps", "5")
-    configurator.apply_preset(args)
-    assert (args.image_size, args.steps, args.batch_size, args.seqs_per_task) == (9, 5, 512, 32)
-    assert args.width == 512 and args.bias == 0.5
-    args = parse("--preset", "cpu", "--model", "lstm")           # sizes are the Transformer's
-    configurator.apply_preset(args)
-    assert args.width is None and args.n_head is None and args.batch_size == 128
-    args = parse("--preset", "cpu", "--state-size", "3200")       # the state picks the key size
-    configurator.apply_preset(args)
-    assert args.key_size is None and args.width == 64
-
-
-class MakesAFile:
-    """Unpickled, this calls open(path, "w"): a file appears if loading a pickle runs its code."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_safe_load_refuses_checkpoints_that_would_run_code_or_are_cut_short(tmp_path, capsys):
-    out, marker = tmp_path / "r", tmp_path / "pickle_ran"
-    args = [*TINY, "--steps", "1", "--out-dir", str(out)]
-    train.main(args)
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # what train.py saves reads back safely
-    ckpt["config"]["note"] = MakesAFile(str(marker))
-    evil, cut = tmp_path / "evil.pt", tmp_path / "cut.pt"
-    torch.save(ckpt, evil)
-    cut.write_bytes((out / "ckpt.pt").read_bytes()[:5000])              # a copy cut short
-    capsys.readouterr()
-    for bad, why in ((evil, "refused"), (cut, "truncated or corrupted")):
-        shutil.copy(bad, out / "ckpt.pt")
-        for main, argv in ((train.main, [*args, "--steps", "2", "--resume"]),
-                           (metatest.main, ["table1", str(bad), "--out-dir", str(tmp_path)]),
-                           (metatest.main, ["uci", "--ckpt", str(bad)])):
-            with pytest.raises(SystemExit) as e:
-                main(argv)
-            err = capsys.readouterr().err
-            assert e.value.code == 2 and why in err and len(err.strip().splitlines()) == 1, err
-        with pytest.raises(ValueError, match=why) as e:
-            metatest.InContextClassifier(str(bad))
-        assert "\n" not in str(e.value)
-    assert not marker.exists()                       # nothing above ran the pickle's code...
-    torch.load(evil, weights_only=False)
-    assert marker.exists()                           # ...which an unsafe load would have run
-
-
-@pytest.mark.parametrize("log_every, ckpt_every", [(3, 2), (100, 1)])
-def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint_before_it(tmp_path, monkeypatch, capsys,
-                                                                     log_every, ckpt_every):
-    # a constant learning rate: under the cpu preset's cosine decay it depends on --steps, and
-    # the 4-step run would not be the 8-step run's first 4 steps
-    args = [*TINY, "--eval-every", "1000", "--log-every", str(log_every),
-            "--ckpt-every", str(ckpt_every), "--schedule", "constant"]
-    train.main([*args, "--steps", "4", "--out-dir", str(tmp_path / "good")])
-    meta_loss, calls = gpicl.meta_loss, []
-
-    def nan_at_step_5(*a):
-        calls.append(1)
-        loss = meta_loss(*a)
-        return loss * math.nan if len(calls) == 5 else loss
-    monkeypatch.setattr(gpicl, "meta_loss", nan_at_step_5)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train.main([*args, "--steps", "8", "--out-dir", str(tmp_path / "nan")])
-    err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]  # not tqdm's bar
-    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("train.py: error: "), err
-    assert "not finite" in err[0] and "at step 5" in err[0]
-    ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
-    good = torch.load(tmp_path / "good" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 4                        # never one of step 5 or later (log_every 3: 6)
-    assert all(torch.equal(ckpt["model"][k], v) for k, v in good["model"].items())
-    assert all(s <= 4 for s, _ in losses(tmp_path / "nan"))       # no record of a NaN loss
-
-
-def test_out_dir_lock_refuses_a_second_run_while_the_first_lives_not_after_a_kill(tmp_path, capsys):
-    out = tmp_path / "r"
-    args = [*TINY, "--eval-every", "100000", "--ckpt-every", "5", "--out-dir", str(out)]
-    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *args, "--steps", "100000"],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (out / "ckpt.pt").exists():
-            time.sleep(0.05)                                              # it is training
-        for more in ([], ["--resume"]):  # a second run in its folder, new or continuing it
-            with pytest.raises(SystemExit) as e:
-                train.main([*args, "--steps", "100000", *more])
-            err = capsys.readouterr().err
-            assert e.value.code == 2 and f"in use by a running train.py (pid {proc.pid})" in err
-            assert len(err.strip().splitlines()) == 1
-    finally:
-        proc.send_signal(signal.SIGKILL)                                  # no chance to unlock
-        proc.wait()
-    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    train.main([*args, "--steps", str(step + 2), "--resume"])             # not stuck
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 2
-
-
-@pytest.mark.slow
-def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
-    p = run_train(["--model", "lstm", "--state-size", "1024", "--steps", "1", "--batch-size", "2",
-                   "--seq-len", "10", "--eval-tasks", "1", "--eval-seqs", "2",
-                   "--out-dir", str(tmp_path / "r")])
-    assert p.returncode == 0, p.stderr
-    first = p.stdout.splitlines()[0]
-    assert first.startswith("preset cpu:") and "--preset paper" in first     # no GPU here
-    assert "state size 1,024 floats" in p.stdout and "parameters 2,399,754" in p.stdout  # 7x7
-    summary = json.load(open(tmp_path / "r" / "summary.json"))
-    assert summary["state_size"] == 1024 and summary["model_config"]["width"] == 512
-
-
-@pytest.mark.slow
-def test_meta_training_learns_in_context_on_unseen_tasks(tmp_path):
+def test_train_meta_learns_in_context_on_unseen_tasks(tmp_path):
     # The Random dataset is pure in-context lookup: 10 noise images, one per label, and a task
     # projects them and permutes the labels. Fresh tasks every sequence, so nothing can be
     # memorised: accuracy on unseen tasks can only rise along the sequence by learning in context.
@@ -1002,463 +768,8 @@ def test_meta_training_learns_in_context_on_unseen_tasks(tmp_path):
     assert sum(r["curve"][5:]) / 5 > sum(r["curve"][:5]) / 5 + 0.1      # rising along the sequence
 
 
-# -----------------------------------------------------------------------------
-# Datasets fetched on first use, against a local HTTP server (data.py)
-
-def idx_gz(array):
-    dims = array.shape
-    header = struct.pack(">I", 0x0800 | len(dims)) + struct.pack(f">{len(dims)}I", *dims)
-    return gzip.compress(header + array.astype(np.uint8).tobytes())
-
-
-def cifar_tar(x_train, y_train, x_test, y_test):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        def add(name, payload):
-            raw = pickle.dumps(payload)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-        rows = lambda x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)   # channels first, as CIFAR
-        for i, part in enumerate(np.array_split(np.arange(len(x_train)), 5)):
-            add(f"data_batch_{i + 1}", {b"data": rows(x_train[part]), b"labels": y_train[part].tolist()})
-        add("test_batch", {b"data": rows(x_test), b"labels": y_test.tolist()})
-        add("batches.meta", {b"label_names": [b"x"] * 10})
-    return buf.getvalue()
-
-
-def mat_v5(arrays):
-    """A MATLAB v5 file with zlib-compressed matrices, as MATLAB writes SVHN's."""
-    classes = {np.uint8: (9, 2), np.float64: (6, 9)}                  # (mx class, mi type)
-    def el(kind, data):
-        return struct.pack("<II", kind, len(data)) + data + b"\0" * (-len(data) % 8)
-    out = (b"MATLAB 5.0 MAT-file, written by test_gpicl".ljust(116) + b"\0" * 8 +
-           struct.pack("<H", 0x0100) + b"IM")
-    for name, a in arrays.items():
-        mx, mi = classes[a.dtype.type]
-        body = (el(6, struct.pack("<II", mx, 0)) + el(5, struct.pack(f"<{a.ndim}i", *a.shape)) +
-                el(1, name.encode()) + el(mi, a.tobytes(order="F")))
-        packed = zlib.compress(el(14, body))
-        out += struct.pack("<II", 15, len(packed)) + packed               # not padded at top level
-    return out
-
-
-def fake_dataset(name, rng):
-    """Small files in the real format of each download, and the arrays they hold."""
-    shape = (28, 28) if name in ("fashion_mnist", "kmnist") else (32, 32, 3)
-    x_tr, x_te = (rng.integers(0, 256, (n, *shape), dtype=np.uint8) for n in (50, 20))
-    y_tr, y_te = (rng.integers(0, 10, n).astype(np.uint8) for n in (50, 20))
-    if name in ("fashion_mnist", "kmnist"):
-        names = list(data.DOWNLOADS[name][1])
-        files = dict(zip(names, (idx_gz(x_tr), idx_gz(y_tr), idx_gz(x_te), idx_gz(y_te))))
-    elif name == "cifar10":
-        files = {"cifar-10-python.tar.gz": cifar_tar(x_tr, y_tr, x_te, y_te)}
-    else:  # svhn: X (32, 32, 3, N) uint8, y (N, 1) double with 10 for the digit 0
-        mat = lambda x, y: mat_v5({"X": x.transpose(1, 2, 3, 0).copy(),
-                                   "y": np.where(y == 0, 10, y).astype(np.float64)[:, None]})
-        files = {"train_32x32.mat": mat(x_tr, y_tr), "test_32x32.mat": mat(x_te, y_te)}
-    return files, (x_tr, y_tr, x_te, y_te)
-
-
-class Server:
-    """Serves {root}/{name}/{file} on 127.0.0.1; paths under /cut/ drop the connection midway."""
-    def __init__(self, root):
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, directory=str(root), **kw)
-
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                if self.path.startswith("/cut/"):
-                    body = open(os.path.join(root, self.path[5:]), "rb").read()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[:len(body) // 2])
-                    self.close_connection = True
-                    return
-                super().do_GET()
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def served(tmp_path, monkeypatch):
-    """Every download dataset, faked, served locally, with its checksums."""
-    rng = np.random.default_rng(0)
-    root, truth = tmp_path / "www", {}
-    for name in data.DOWNLOADS:
-        files, truth[name] = fake_dataset(name, rng)
-        (root / name).mkdir(parents=True)
-        for f, raw in files.items():
-            (root / name / f).write_bytes(raw)
-        md5s = {f: hashlib.md5(raw).hexdigest() for f, raw in files.items()}
-        monkeypatch.setitem(data.DOWNLOADS, name, (data.DOWNLOADS[name][0], md5s))
-    server = Server(root)
-    monkeypatch.setenv("GPICL_MIRROR", server.url)
-    yield server, root, truth
-    server.close()
-
-
-@pytest.mark.parametrize("name", list(data.DOWNLOADS))
-def test_download_verifies_converts_and_caches(name, served, tmp_path):
-    server, root, (truth) = served
-    cache = tmp_path / "cache"
-    path = data.fetch_dataset(name, str(cache))
-    d = np.load(path)
-    x_tr, y_tr, x_te, y_te = truth[name]
-    assert np.array_equal(d["x_train"], x_tr) and np.array_equal(d["y_train"], y_tr)
-    assert np.array_equal(d["x_test"], x_te) and np.array_equal(d["y_test"], y_te)
-    assert not [p for p in cache.rglob("*") if p.name.endswith((".part", ".tmp.npz"))]
-    server.close()                                                       # now offline: the cache serves
-    splits = data.load_dataset(name, 14, cache_dir=str(cache))
-    assert splits["train"][0].shape == (50, 196) and splits["test"][0].shape == (20, 196)
-    assert abs(splits["train"][0].mean().item()) < 1e-5                  # z-normalised per dataset
-    assert data.available(name, str(cache))
-
-
-@pytest.mark.parametrize("damage", ["corrupted", "truncated", "cut"])
-def test_bad_downloads_leave_nothing_behind(damage, served, tmp_path):
-    server, root, _ = served
-    f = root / "kmnist" / "t10k-labels-idx1-ubyte.gz"
-    raw = f.read_bytes()
-    if damage == "corrupted":
-        f.write_bytes(raw[:-5] + bytes(5))
-    elif damage == "truncated":
-        f.write_bytes(raw[:len(raw) // 2])
-    url = f"{server.url}/cut/kmnist/" if damage == "cut" else None
-    cache = tmp_path / "cache"
-    with pytest.raises(OSError, match="python data.py fetch kmnist"):
-        data.fetch_dataset("kmnist", str(cache), base_url=url)
-    kept = {p.name for p in cache.rglob("*") if p.is_file()}
-    assert "t10k-labels-idx1-ubyte.gz" not in kept and not any(k.endswith(".part") for k in kept)
-    assert not (cache / "kmnist.npz").exists() and not data.available("kmnist", str(cache))
-
-
-def test_mat_reader_agrees_with_scipy(tmp_path):
-    sio = pytest.importorskip("scipy.io")                               # optional: only where installed
-    x = np.random.default_rng(1).integers(0, 256, (32, 32, 3, 7), dtype=np.uint8)
-    y = np.arange(1, 8, dtype=np.float64)[:, None]
-    sio.savemat(tmp_path / "a.mat", {"X": x, "y": y}, do_compression=True)
-    got = data.read_mat(str(tmp_path / "a.mat"))
-    assert np.array_equal(got["X"], x) and np.array_equal(got["y"], y)
-    (tmp_path / "b.mat").write_bytes(mat_v5({"X": x, "y": y}))
-    theirs = sio.loadmat(tmp_path / "b.mat")
-    assert np.array_equal(theirs["X"], x) and np.array_equal(theirs["y"], y)
-
-
-@pytest.mark.slow
-def test_missing_dataset_is_one_line_offline(tmp_path):
-    env = dict(os.environ, GPICL_DATA=str(tmp_path / "empty"), GPICL_MIRROR="http://127.0.0.1:9")
-    p = subprocess.run([PY, os.path.join(HERE, "train.py"), *TINY, "--steps", "1",
-                        "--eval-datasets", "fashion_mnist", "--out-dir", str(tmp_path / "r")],
-                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "python data.py fetch fashion_mnist" in p.stderr
-
-
-# -----------------------------------------------------------------------------
-# Data parallel: torchrun with two CPU processes (gloo) equals one process with the same batch
-
-DDP_TINY = ["--model", "transformer", "--width", "32", "--n-layer", "1", "--n-head", "2",
-            "--image-size", "7", "--seq-len", "10", "--batch-size", "8", "--steps", "2",
-            "--log-every", "1", "--eval-every", "2", "--eval-tasks", "2", "--eval-seqs", "4",
-            "--eval-datasets", "", "--threads", "1"]
-
-
-@pytest.mark.slow
-def test_two_processes_under_torchrun_train_like_one(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    p1 = subprocess.run([PY, os.path.join(HERE, "train.py"), *DDP_TINY, "--out-dir", one],
-                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
-    assert p1.returncode == 0, p1.stderr
-    p2 = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         os.path.join(HERE, "train.py"), *DDP_TINY, "--out-dir", two],
-                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
-    assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-2000:]
-    # the effective batch, said once (by rank 0 only)
-    assert p2.stdout.count("meta-batch 8") == 1, p2.stdout
-    assert "2 process(es) x 1 accumulation steps x 4 sequences = meta-batch 8" in p2.stdout
-    # one record per step (only rank 0 writes), and the same losses: step 1 checks that the two
-    # halves of the meta-batch are the single run's batch and that the loss is averaged over
-    # ranks; step 2 that the gradients were averaged too (summed, or not reduced, it differs)
-    a, b = losses(one), losses(two)
-    assert [s for s, _ in b] == [1, 2] == [s for s, _ in a]
-    for (_, la), (_, lb) in zip(a, b):
-        assert lb == pytest.approx(la, rel=1e-5), (a, b)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
-def test_ctrl_c_or_sigterm_under_torchrun_stops_every_rank_at_one_step(tmp_path, sig):
-    # torchrun passes SIGINT or SIGTERM on to the ranks; each may get it in a different step, so
-    # they agree at the next loss record (an all-reduce): one checkpoint, no rank left waiting
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "r"
-    run = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "train.py"), *DDP_TINY, "--log-every", "10", "--eval-every", "100000"]
-    proc = subprocess.Popen([*run, "--steps", "100000", "--out-dir", str(out)], cwd=HERE, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "log.jsonl").exists() and
-                                          (out / "log.jsonl").stat().st_size > 0):
-        time.sleep(0.05)                                                 # both ranks train
-    proc.send_signal(sig)
-    try:
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert output.count("interrupted at step") == 1, output[-3000:]
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] % 10 == 0 and ckpt["last_logged"] == ckpt["step"] and ckpt["step"] >= 10
-    p = subprocess.run([*run, "--steps", str(ckpt["step"] + 10), "--out-dir", str(out), "--resume"],
-                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert [s for s, _ in losses(out)] == list(range(10, ckpt["step"] + 11, 10))
-
-
-@pytest.mark.slow
-def test_time_budget_under_torchrun_stops_every_rank_at_one_step(tmp_path):
-    # rank 0 decides at a loss record's all-reduce; a rank that stopped alone would leave the
-    # other waiting in the next all-reduce (the test's timeout)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "r"
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), *DDP_TINY, "--log-every", "10",
-                        "--eval-every", "100000", "--steps", "100000", "--time-budget", "2",
-                        "--out-dir", str(out)],
-                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert p.stdout.count("stopped on the time budget") == 1, p.stdout[-2000:]
-    summary = json.load(open(out / "summary.json"))
-    n = summary["step"]
-    assert summary["stopped_by"] == "time_budget" and n % 10 == 0 and 10 <= n < 100000
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == n
-    records = [json.loads(l) for l in open(out / "log.jsonl")]
-    assert records[-1]["step"] == n and "eval" in records[-1]
-    assert [r["step"] for r in records if "loss" in r] == list(range(10, n + 1, 10))
-
-
-# -----------------------------------------------------------------------------
-# The benchmark (bench.py): runs at tiny sizes, and its numbers hang together
-
-BENCH_TINY = ["--threads", "1", "--width", "32", "--n-layer", "1", "--n-head", "2",
-              "--image-size", "7", "--seq-len", "10", "--batch-size", "4",
-              "--steps", "2", "--warmup", "1", "--repeats", "3"]
-
-
-@pytest.mark.slow
-def test_bench_runs_and_reports_consistent_numbers(tmp_path):
-    out = str(tmp_path / "bench.json")
-    p = subprocess.run([PY, os.path.join(HERE, "bench.py"), *BENCH_TINY, "--out", out],
-                       capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert p.returncode == 0, p.stderr
-    r = json.load(open(out))
-    assert r["config"]["batch_size"] == 4 and r["config"]["n_x"] == 49
-    assert r["max_abs_logit_diff"] < 1e-5          # the reference is the same network, same weights
-    for name in ("ours", "ref"):
-        s = r["step"][name]
-        assert len(s["ms_repeats"]) == 3 and all(t > 0 for t in s["ms_repeats"])
-        assert s["ms"] == sorted(s["ms_repeats"])[1]                     # the median of 3
-        assert s["seq_per_s"] == pytest.approx(4 / (s["ms"] / 1e3))
-        assert s["tok_per_s"] == pytest.approx(10 * s["seq_per_s"])
-        assert s["tflops"] > 0 and s["mfu"] is None and s["peak_mib"] is None   # CPU: no MFU
-    assert set(r["tasks_ms"]) == {"ours_sample_sequences", "ours_apply_tasks", "ref_per_sequence"}
-    assert all(v > 0 for v in r["tasks_ms"].values())
-    assert r["step_ratio"] > 0 and r["task_ratio"] > 0
-    t, s = r["tasks_ms"]["ours_sample_sequences"], r["step"]["ours"]["ms"]
-    assert r["task_share"] == pytest.approx(t / (t + s)) and 0 < r["task_share"] < 1
-    assert r["process_peak_rss_mib"] > 0
-    assert "ratio ours/ref" in p.stdout and "share of a step" in p.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--repeats", "0"], ["--width", "30"], ["--device", "nonsense"],
-                                   ["--out", "/nonexistent/bench.json"], ["--num-tasks", "2**63"]])
-def test_bench_bad_flags_give_one_line_and_exit_2(flags):
-    p = subprocess.run([PY, os.path.join(HERE, "bench.py"), *flags], capture_output=True, text=True,
-                       cwd=HERE, timeout=60)
-    assert p.returncode == 2, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in p.stderr, p.stderr
-
-
-def test_reference_is_our_transformer_rebuilt_from_torch_nn():
-    import bench
-    torch.manual_seed(0)
-    ours = models.build("transformer", 59, 10,
-                        **models.model_config("transformer", 59, 10, 32, 2, 2, key_size=16))
-    ref = bench.Reference(59, 10, 10, 32, 2, 2)
-    tokens = torch.randn(3, 10, 59)
-    with torch.no_grad():
-        assert (ours(tokens) - ref(tokens)).abs().max() > 1e-2             # different until copied
-        ref.copy_from(ours)
-        assert torch.allclose(ours(tokens), ref(tokens), atol=1e-6)
-        later = tokens.clone()
-        later[:, 5:] += 1                                                 # and causal, like ours
-        assert torch.equal(ref(tokens)[:, :5], ref(later)[:, :5])
-
-
-def test_time_to_accuracy_is_the_first_evaluation_that_reaches_each_threshold():
-    import bench
-    evaluation = lambda t, acc: {"step": 1, "time": t, "eval": {"unseen mnist": {"last": acc}}}
-    records = [{"step": 1, "loss": 2.0, "time": 0.5}, evaluation(1.0, 0.3), evaluation(2.0, 0.6),
-               evaluation(3.0, 0.5), evaluation(4.0, 0.7)]
-    assert bench.time_to_accuracy(records, [0.5, 0.65, 0.737]) == \
-        {"0.5": 2.0, "0.65": 4.0, "0.737": None}
-
-
-SUITE_FILES = ["bench.json", "log.jsonl", "suite.json", "suite.log", "summary.json", "table1.json",
-               "table1.md"]
-
-
-@pytest.mark.slow
-def test_gpu_suite_dry_run_writes_its_files_and_numbers_that_agree(tmp_path):
-    out = tmp_path / "suite"
-    p = subprocess.run([PY, os.path.join(HERE, "bench.py"), "suite", "--out", str(out), "--dry-run",
-                        "--thresholds", "0,0.99"], capture_output=True, text=True, cwd=HERE,
-                       timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert sorted(os.listdir(out)) == SUITE_FILES                       # at most 8, nothing else
-    r = json.load(open(out / "suite.json"))
-    assert {k: v["status"] for k, v in r["stages"].items()} == \
-        {"bench eager": "ok", "train": "ok", "table1": "ok", "bench compiled": "ok"}
-    assert 0 < r["wall_s"] <= r["limit_s"]
-    # meta-training stopped on its budget, with a final evaluation at its last step
-    summary = json.load(open(out / "summary.json"))
-    records = [json.loads(l) for l in open(out / "log.jsonl")]
-    evals = [x for x in records if "eval" in x]
-    assert summary["stopped_by"] == "time_budget" and r["train"]["step"] == summary["step"]
-    assert evals[-1]["step"] == summary["step"] and "--time-budget" in r["train"]["argv"]
-    # times to accuracy, recomputed here from the log: 0 is reached at the first evaluation
-    reached = {str(t): next((x["time"] for x in evals if x["eval"]["unseen mnist"]["last"] >= t),
-                            None) for t in (0.0, 0.99)}
-    assert r["time_to_unseen_mnist_acc_at_last"] == reached and reached["0.0"] == evals[0]["time"]
-    for t in reached.values():
-        assert t is None or 0 < t <= r["train"]["log_wall_s"] <= summary["train_time_s"] + 0.1
-    # the benchmark: two widths x two batch sizes, eager and compiled, each beside the reference
-    b = json.load(open(out / "bench.json"))
-    assert sorted((x["width"], x["batch_size"], x["compiled"]) for x in b["runs"]) == \
-        sorted((w, n, c) for w in (16, 32) for n in (4, 8) for c in (False, True))
-    for x in b["runs"]:
-        cfg = x["full"]["config"]
-        assert (cfg["width"], cfg["batch_size"], cfg["compile"]) == \
-            (x["width"], x["batch_size"], x["compiled"])
-        assert x["ours_ms"] > 0 and x["ref_ms"] > 0 and x["step_ratio"] > 0 and x["task_ratio"] > 0
-        assert x["ours_tok_per_s"] == pytest.approx(x["batch_size"] * 10 / (x["ours_ms"] / 1e3))
-        assert 0 < x["task_share"] < 1 and x["max_abs_logit_diff"] < 1e-5
-    assert [{k: v for k, v in x.items() if k != "full"} for x in b["runs"]] == r["bench"]
-    # Table 1 of the run's checkpoint on the shipped datasets
-    row = json.load(open(out / "table1.json"))["checkpoints"][0]
-    md = open(out / "table1.md").read()
-    assert row["step"] == summary["step"] and row["seq_len"] == r["train"]["seq_len"] == 10
-    for k in ("MNIST", "UCI digits", "Random"):
-        c = row["accuracy_pct"][k]
-        assert r["table1_pct"][k] == c and 0 <= c["acc"] <= 100 and f"{c['acc']:.2f} ± " in md
-    # one screen at the end, and every console line in suite.log with the stages' output
-    screen = p.stdout[p.stdout.index("=== GPU suite"):].splitlines()
-    assert len(screen) <= 25 and any(l.startswith("stages: bench eager ok") for l in screen)
-    log = open(out / "suite.log").read()
-    assert all(l in log for l in p.stdout.splitlines()) and "stopped on the time budget" in log
-
-
-def test_suite_stage_that_fails_or_overruns_is_recorded_and_the_suite_goes_on(tmp_path):
-    import bench
-    stages = bench.Stages(str(tmp_path / "suite.log"), minutes=1)
-    t = time.time()
-    stages.run("slow", [PY, "-c", "import time; print('working'); time.sleep(60)"], limit=1)
-    assert time.time() - t < 20                                          # ended at its limit
-    stages.run("bad", [PY, "-c", "import sys; print('oops'); sys.exit(3)"], limit=30)
-    stages.run("good", [PY, "-c", "print('fine')"], limit=30)
-    report = stages.report
-    assert report["slow"]["status"] == "timed out after 1 s" and report["slow"]["tail"] == ["working"]
-    assert report["bad"]["status"] == "failed (exit 3)" and report["bad"]["tail"] == ["oops"]
-    assert report["good"]["status"] == "ok" and "tail" not in report["good"]
-    assert "fine" in open(tmp_path / "suite.log").read()
-
-
-@pytest.mark.parametrize("flags, message", [
-    ([], "--out"), (["--thresholds", "0.5,2"], "accuracy in [0, 1]"),
-    (["--dry-run", "--", "--width", "-3"], "train.py (the flags after --)"),
-    (["--dry-run", "--", "--no-such-flag"], "unrecognized arguments"),
-])
-def test_suite_bad_flags_give_one_line_and_exit_2(flags, message, tmp_path, capsys):
-    import bench
-    out = ["--out", str(tmp_path / "s")] if flags else []
-    with pytest.raises(SystemExit) as stopped:
-        bench.suite([*out, *flags])
-    err = capsys.readouterr().err
-    assert stopped.value.code == 2 and message in err, err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
-
-
-def test_suite_refuses_a_folder_that_holds_a_suites_files(tmp_path, capsys):
-    import bench
-    (tmp_path / "suite.json").write_text("{}")
-    with pytest.raises(SystemExit) as stopped:
-        bench.suite(["--out", str(tmp_path), "--dry-run"])
-    assert stopped.value.code == 2 and "already holds suite.json" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["suite.json"]
-    assert (tmp_path / "suite.json").read_text() == "{}"                # nothing written is lost
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints for the meta-testing tests
-
-TRAINED = os.path.join(HERE, "checkpoints", "mnist7_demo.pt")  # the demo learner, 7x7 MNIST
-
-
-def tiny_checkpoint(path, kind="transformer", image_size=2, seq_len=10, tweak=None, **cfg):
-    """A train.py-format checkpoint of an untrained learner."""
-    n_x = image_size ** 2
-    mcfg = models.model_config(kind, n_x + 10, seq_len, **cfg)
-    torch.manual_seed(0)
-    model = models.build(kind, n_x + 10, 10, **mcfg)
-    if tweak:
-        tweak(model)
-    torch.save(dict(model=model.state_dict(), optimizer=None, step=0, elapsed=0.0,
-                    config=dict(dataset="mnist", image_size=image_size, seq_len=seq_len),
-                    model_config=dict(kind=kind, n_in=n_x + 10, n_out=10, cfg=mcfg)), path)
-    return str(path)
-
-
-def blobs(labels, n_per, d=5, seed=0):
-    """Well-separated Gaussian classes, shuffled: (X (n, d), y (n,) with the given labels)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 4, (len(labels), d))
-    X = np.concatenate([c + rng.normal(0, 1, (n_per, d)) for c in centres])
-    y = np.repeat(np.asarray(labels, dtype=object), n_per)
-    p = rng.permutation(len(y))
-    return X[p], y[p]
-
-
-def uci_split(n_context=99, n_query=300, seed=0):
-    d = np.load(os.path.join(HERE, "data", "uci_digits.npz"))
-    X, y = d["x"].reshape(len(d["y"]), -1).astype(float), d["y"]
-    p = np.random.default_rng(seed).permutation(len(y))
-    c, q = p[:n_context], p[n_context:n_context + n_query]
-    return X[c], y[c], X[q], y[q]
-
-
-# -----------------------------------------------------------------------------
-# A meta-trained learner on your own data: InContextClassifier (metatest.py)
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.set_num_threads(1)
-    return metatest.InContextClassifier.from_checkpoint(TRAINED, members=8, seed=0)
-
-
 @pytest.mark.parametrize("labels", [[3, 7, 11], ["cat", "dog", "emu"]])
-def test_fit_predict_round_trip_in_the_users_labels(trained, labels):
+def test_in_context_classifier_fit_predict_round_trip_in_the_users_labels(trained, labels):
     X, y = blobs(labels, 40)
     trained.fit(X[:60], y[:60])
     pred, proba = trained.predict(X[60:]), trained.predict_proba(X[60:])
@@ -1470,7 +781,7 @@ def test_fit_predict_round_trip_in_the_users_labels(trained, labels):
     assert np.mean(pred == y[60:]) > 0.8
 
 
-def test_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
+def test_in_context_classifier_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
     X, y = blobs([0, 1, 2, 3], 30, seed=1)
     trained.fit(X[:80], y[:80])
     q = X[80:]
@@ -1492,13 +803,13 @@ def test_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
     ((np.zeros((5, 2)), [0, 1, 0]), "one label per row"),
     (([["a", "b"], ["c", "d"]], [0, 1]), "numbers only"),
 ])
-def test_bad_context_is_one_clear_error(trained, fit_args, match):
+def test_in_context_classifier_bad_context_is_one_clear_error(trained, fit_args, match):
     with pytest.raises(ValueError, match=match) as e:
         metatest.InContextClassifier(TRAINED, members=1).fit(*fit_args)
     assert "\n" not in str(e.value)
 
 
-def test_bad_queries_are_one_clear_error(trained):
+def test_in_context_classifier_bad_queries_are_one_clear_error(trained):
     fresh = metatest.InContextClassifier(TRAINED, members=1)
     with pytest.raises(ValueError, match="before predict"):
         fresh.predict(np.zeros((2, 3)))
@@ -1509,12 +820,12 @@ def test_bad_queries_are_one_clear_error(trained):
         fresh.predict_proba(np.array([[0, np.nan, 0]]))
 
 
-def test_long_context_is_split_into_chunks_that_fit_and_all_count(tmp_path, monkeypatch):
+def test_in_context_classifier_splits_a_long_context_into_chunks_that_fit(tmp_path, monkeypatch):
     path = tiny_checkpoint(tmp_path / "t.pt", seq_len=10, width=16, n_layer=1, n_head=2)
     seen = []
     real = metatest.last_position_logits
     monkeypatch.setattr(metatest, "last_position_logits",
-                        lambda m, xc, yc, xq, bs: seen.append(len(yc)) or real(m, xc, yc, xq, bs))
+                        lambda m, xc, yc, xq, **kw: seen.append(len(yc)) or real(m, xc, yc, xq, **kw))
     X = np.random.default_rng(0).normal(size=(25, 6))
     clf = metatest.InContextClassifier(path, members=2).fit(X, np.arange(25) % 3)
     proba = clf.predict_proba(X[:4])
@@ -1523,7 +834,7 @@ def test_long_context_is_split_into_chunks_that_fit_and_all_count(tmp_path, monk
 
 
 @pytest.mark.slow
-def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(tmp_path):
+def test_in_context_classifier_trained_learns_uci_digits_and_a_random_one_not(tmp_path):
     # 99 context rows, 300 queries. Chance is 0.1: a learner at chance exceeds 0.2 with
     # probability < 1e-9 (binomial, n = 300); the demo learner scores ~0.55 here.
     torch.set_num_threads(1)
@@ -1537,7 +848,7 @@ def test_trained_learner_learns_uci_digits_in_context_and_a_random_one_does_not(
     assert acc["untrained"] < 0.2 < 0.35 < acc["trained"], acc
 
 
-def test_baselines_learn_separable_classes():
+def test_knn_and_logreg_baselines_learn_separable_classes():
     X, y = blobs([0, 1, 2], 40, seed=2)
     X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y.astype(int))
     assert torch.equal(metatest.knn_predict(X, y, X, k=1), y)           # each row is its own neighbour
@@ -1546,472 +857,3 @@ def test_baselines_learn_separable_classes():
     # and a shuffled context teaches them nothing (the checks above can fail)
     y_bad = y[:60][torch.randperm(60, generator=torch.Generator().manual_seed(0))]
     assert (metatest.logreg_predict(X[:60], y_bad, X[60:]) == y[60:]).float().mean() < 0.7
-
-
-# -----------------------------------------------------------------------------
-# The command line: metatest.py csv
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    return str(path)
-
-
-def run_metatest(args, **kw):
-    return subprocess.run([PY, os.path.join(HERE, "metatest.py"), "--threads", "1", *args],
-                          capture_output=True, text=True, cwd=HERE, timeout=120, **kw)
-
-
-@pytest.mark.slow
-def test_csv_command_prints_accuracies_and_writes_predictions(tmp_path):
-    X, y = blobs(["a", "b", "c"], 30, d=4, seed=3)
-    rows = [[*map(str, x), lab] for x, lab in zip(X, y)]
-    train = write_csv(tmp_path / "train.csv", ["f1", "f2", "label", "f3"],
-                      [[r[0], r[1], r[4], r[2]] for r in rows[:60]])   # label in the middle
-    test = write_csv(tmp_path / "test.csv", ["f3", "label", "f1", "f2"],      # other order
-                     [[r[2], r[4], r[0], r[1]] for r in rows[60:]])
-    out = tmp_path / "preds.csv"
-    p = run_metatest(["csv", "--ckpt", TRAINED, "--train", train, "--test", test, "--label", "label",
-                   "--out", str(out), "--members", "4"])
-    assert p.returncode == 0, p.stderr
-    accs = [float(a) for a in re.findall(r"\b\d\.\d{3}\b", p.stdout)]   # GPICL, kNN, logreg
-    assert len(accs) == 3 and all(a > 0.8 for a in accs), p.stdout
-    got = list(csv.reader(open(out)))
-    assert got[0] == ["prediction", "knn_k1", "logreg", "p_a", "p_b", "p_c"] and len(got) == 31
-    for col, acc in enumerate(accs):  # the file holds the predictions whose accuracy was printed
-        assert abs(np.mean([g[col] == lab for g, lab in zip(got[1:], y[60:])]) - acc) < 6e-4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case, message", [
-    ("missing", "cannot read"), ("label", "no column 'label'"), ("text", "'x' is not a number"),
-    ("binary", "not a text CSV"), ("device", "--device foo")])
-def test_csv_command_errors_are_one_line_exit_2(tmp_path, case, message):
-    good = write_csv(tmp_path / "good.csv", ["f1", "label"], [["1", "a"], ["2", "b"]])
-    (tmp_path / "binary.csv").write_bytes(b"f1,label\n\xff\xfe\x00,a\n")
-    bad = {"missing": str(tmp_path / "nope.csv"),
-           "label": write_csv(tmp_path / "nolabel.csv", ["f1", "y"], [["1", "a"], ["2", "b"]]),
-           "text": write_csv(tmp_path / "text.csv", ["f1", "label"], [["1", "a"], ["x", "b"]]),
-           "binary": str(tmp_path / "binary.csv"), "device": good}[case]
-    device = ["--device", "foo"] if case == "device" else []
-    p = run_metatest([*device, "csv", "--ckpt", TRAINED, "--train", bad, "--test", good,
-                      "--label", "label", "--out", str(tmp_path / "p.csv")])
-    assert p.returncode == 2 and message in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
-
-
-# -----------------------------------------------------------------------------
-# The command line: metatest.py table1
-
-@pytest.mark.slow
-def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
-    def always_label_3(model):  # a learner whose accuracy the test can count by itself
-        with torch.no_grad():
-            model.head.weight.zero_()
-            model.head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10) * 5.0)
-    const = tiny_checkpoint(tmp_path / "const.pt", width=16, n_layer=1, n_head=2, tweak=always_label_3)
-    sgd = tiny_checkpoint(tmp_path / "sgd.pt", kind="sgd", width=8)       # no parameters at all
-    env = dict(os.environ, GPICL_DATA=str(tmp_path / "empty"), GPICL_MIRROR="http://127.0.0.1:9")
-    p = run_metatest(["table1", const, sgd, "--tasks", "4", "--seqs", "8", "--out-dir",
-                   str(tmp_path / "out")], env=env)
-    assert p.returncode == 0, p.stderr
-    md = open(tmp_path / "out" / "table1.md").read()
-    res = json.load(open(tmp_path / "out" / "table1.json"))
-    assert "| GPICL Transformer (paper) | 73.70 | 62.24 | 53.39 | 100.00 | 19.40 | 14.58 |" in md
-    for name in ("fashion_mnist", "kmnist", "cifar10", "svhn"):
-        assert f"missing — fetch with `python data.py fetch {name}`" in md
-    row = res["checkpoints"][0]["accuracy_pct"]
-    assert row["KMNIST"] == {"missing": "fetch with `python data.py fetch kmnist`"}
-    # the expected accuracy: how often the label at position 10 of each unseen-task sequence is 3
-    ids = data.unseen_task_ids(4).repeat_interleave(8)
-    for column, name in (("MNIST", "mnist"), ("Random", "random"), ("UCI digits", "uci_digits")):
-        x_all, y_all = data.load_dataset(name, 2)["test"]
-        _, y = data.task_sequences(x_all, y_all, ids, 10, torch.arange(32), gpicl.EVAL_SEED)
-        expect = 100 * (y[:, -1] == 3).float().mean().item()
-        assert row[column]["n"] == 32 and abs(row[column]["acc"] - expect) < 0.01, (column, row)
-        assert f"{row[column]['acc']:.2f} ± {row[column]['ci']:.2f}" in md
-    # the sgd learner's column: its own predictions at position 10, counted here
-    sgd_row, (model, _) = res["checkpoints"][1], gpicl.load_learner(sgd)
-    x_all, y_all = data.load_dataset("random", 2)["test"]
-    x, y = data.task_sequences(x_all, y_all, ids, 10, torch.arange(32), gpicl.EVAL_SEED)
-    expect = 100 * (gpicl.learner_predict(model, x, y)[:, -1] == y[:, -1]).float().mean().item()
-    assert sgd_row["learner"] == "sgd"
-    assert abs(sgd_row["accuracy_pct"]["Random"]["acc"] - expect) < 0.01, (expect, sgd_row)
-
-
-# -----------------------------------------------------------------------------
-# Every command line, fuzzed: a bad value for any flag is refused in one line, exit 2 (1 for a
-# fault at run time), never a traceback, and before any expensive work starts
-
-class ReachedWork(Exception):
-    """Raised where a command's expensive work would start: its command line was accepted."""
-
-
-def reach_work(*args, **kwargs):
-    raise ReachedWork
-
-
-NUMBERS = ["-1", "0", "-0", "1.5", "nan", "inf", "-inf", "1e400", "1e308", "-1e-320", "", " ", "abc",
-           "0x10", "2**70", "1_0", "\0", "\u0663", str(2 ** 31), str(2 ** 63), str(10 ** 40)]
-TEXTS = ["", " ", "\0", "-1", "nan", "x" * 1000, "\u00e9", "cuda:99", "../..", "/"]
-PATH_KINDS = {"ckpt": "in", "ckpts": "in", "train": "in", "test": "in", "out": "out",
-              "out_dir": "dir", "data_dir": "dir"}  # flags (by dest) that name files: which kind
-
-
-def bad_paths(tmp_path, rng):
-    """Paths no flag of their kind may take: files to read, files to write, folders to write in."""
-    d = tmp_path / "paths"
-    d.mkdir()
-    (d / "a_folder").mkdir()
-    (d / "a_file").write_text("x\n")
-    (d / "empty").write_bytes(b"")
-    (d / "garbage").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    (d / "cut.pt").write_bytes(open(tiny_checkpoint(d / "tiny.pt", width=8, n_layer=1, n_head=2),
-                                    "rb").read()[:3000])
-    torch.save({"model": MakesAFile(str(tmp_path / "pickle_ran"))}, d / "evil.pt")
-    (d / "locked").write_bytes(b"x")
-    os.chmod(d / "locked", 0)                           # unreadable, unless the tests run as root
-    unusable = ["", "\0", "a\0b", str(d / "a_file" / "x"), str(d / ("x" * 300))]
-    return {"in": unusable + [str(d / n) for n in ("missing", "a_folder", "empty", "garbage",
-                                                   "cut.pt", "evil.pt", "locked")] + ["/dev/null"],
-            "out": unusable + [str(d / "a_folder")], "dir": unusable + [str(d / "a_file")]}
-
-
-def fuzz_values(action, rng, paths):
-    """[(value, refused by definition)] for one flag or positional: fixed bad values and seeded
-    random ones. A value is refused by definition when the flag's own type or choices refuse it,
-    or when it names a path the flag cannot use; others (--lr 1e308) may run, never crash."""
-    if action.dest in PATH_KINDS:
-        return [(p, True) for p in paths[PATH_KINDS[action.dest]]]
-    chars = list(string.printable + "\u00e9\u00df\u221e\u200b")
-    randoms = [str(-int(rng.integers(1, 10))),                          # negative
-               str(int(rng.choice([-1, 1])) * 2 ** int(rng.integers(31, 130))),  # beyond any size
-               f"{rng.normal():.3f}e{int(rng.integers(-400, 400))}",    # tiny, huge, or inf
-               "".join(rng.choice(chars, int(rng.integers(0, 12))))]    # garbage
-    values = (NUMBERS if action.type else TEXTS) + randoms
-
-    def refused(v):
-        if action.choices is not None:
-            return v not in action.choices
-        try:
-            action.type and action.type(v)
-            return False
-        except (argparse.ArgumentTypeError, TypeError, ValueError):
-            return True
-    return [(v, refused(v)) for v in values]
-
-
-def fuzz_targets(tmp_path):
-    """[(name, main, the parser whose flags are fuzzed, flags at the 'start' or 'end' of argv, a
-    valid argv, {positional: its index in it}, the expensive work to stub)]"""
-    import bench
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", width=8, n_layer=1, n_head=2)
-    X, y = blobs(["a", "b"], 10, d=3)
-    rows = [[*map(str, x), lab] for x, lab in zip(X, y)]
-    context = write_csv(tmp_path / "context.csv", ["f1", "f2", "f3", "label"], rows[:12])
-    queries = write_csv(tmp_path / "queries.csv", ["f1", "f2", "f3", "label"], rows[12:])
-    csv_argv = ["csv", "--ckpt", ckpt, "--train", context, "--test", queries, "--label", "label",
-                "--out", str(tmp_path / "preds.csv"), "--members", "1"]
-    mt = metatest.get_parser()
-    sub = next(a for a in mt._actions if isinstance(a, argparse._SubParsersAction)).choices
-    return [
-        ("train.py", train.main, configurator.get_parser(), "end",
-         [*TINY, "--steps", "1", "--out-dir", str(tmp_path / "run")], {}, [(data, "load_dataset")]),
-        ("bench.py", bench.main, bench.get_parser(), "end",
-         [*BENCH_TINY, "--out", str(tmp_path / "bench.json")], {}, [(data, "load_dataset")]),
-        ("metatest.py", metatest.main, mt, "start", csv_argv, {"command": 0}, []),
-        ("metatest.py csv", metatest.main, sub["csv"], "end", csv_argv, {}, []),  # cheap: runs
-        ("metatest.py uci", metatest.main, sub["uci"], "end",
-         ["uci", "--ckpt", ckpt, "--splits", "1", "--members", "1", "--context", "5", "--queries", "5"],
-         {}, [(metatest, "compare_on_uci_digits")]),
-        ("metatest.py table1", metatest.main, sub["table1"], "end",
-         ["table1", ckpt, "--tasks", "1", "--seqs", "1", "--out-dir", str(tmp_path / "t1")],
-         {"ckpts": 1}, [(metatest, "table1")]),
-        ("experiments.py", experiments.main, experiments.get_parser(), "end",
-         ["transitions", "--out", str(tmp_path / "exp.jsonl")], {"name": 0}, [(experiments, "run_all")]),
-        ("data.py", data.main, data.get_parser(), "end",
-         ["fetch", "svhn", "--data-dir", str(tmp_path / "cache")], {"command": 0, "names": 1},
-         [(data, "fetch")]),                                              # the network
-    ]
-
-
-class TookTooLong(BaseException):  # not an Exception: no `except Exception` swallows it
-    pass
-
-
-def run_case(main, argv, capsys, seconds=20):
-    """main(argv) in this process -> (its exit status, "work", "done", a traceback, or that it
-    hangs: say a count refused nowhere, so a loop runs for ever; its stderr)."""
-    def too_long(signum, frame):
-        raise TookTooLong
-    threads, old = torch.get_num_threads(), signal.signal(signal.SIGALRM, too_long)
-    signal.alarm(seconds)
-    try:
-        main(argv)
-        outcome = "done"
-    except ReachedWork:
-        outcome = "work"
-    except SystemExit as e:
-        outcome = e.code
-    except TookTooLong:
-        outcome = f"still running after {seconds} s"
-    except Exception:
-        outcome = traceback.format_exc()
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-        torch.set_num_threads(threads)                                    # --threads sets it
-    return outcome, capsys.readouterr().err
-
-
-def test_fuzz_every_flag_of_every_command_one_line_never_a_traceback(tmp_path, monkeypatch, capsys):
-    rng = np.random.default_rng(0)
-    paths, targets = bad_paths(tmp_path, rng), fuzz_targets(tmp_path)
-    for module, name in [stub for t in targets for stub in t[-1]]:
-        monkeypatch.setattr(module, name, reach_work)
-    cases, problems = 0, []
-    for name, main, parser, where, base, positions, _ in targets:
-        outcome, err = run_case(main, base, capsys)
-        assert outcome in ("work", "done"), (name, base, outcome, err)   # the valid line is accepted
-        for action in parser._actions:  # every flag it has, today's and tomorrow's
-            if action.nargs == 0:                                         # --help, --resume, ...
-                continue
-            assert action.option_strings or action.dest in positions, f"fuzz {name}'s {action.dest}"
-            for value, refuse in fuzz_values(action, rng, paths):
-                if action.option_strings:
-                    flag = f"{action.option_strings[-1]}={value}"
-                    argv = [flag, *base] if where == "start" else [*base, flag]
-                else:
-                    argv = [value if i == positions[action.dest] else a for i, a in enumerate(base)]
-                outcome, err = run_case(main, argv, capsys)
-                cases += 1
-                lines = err.strip().splitlines()
-                if outcome in ("work", "done"):
-                    ok = not refuse
-                else:
-                    ok = outcome in (1, 2) and len(lines) == 1 and "Traceback" not in err
-                if not ok:
-                    problems.append(f"{name} {action.dest}={value[:40]!r}: "
-                                    f"{str(outcome).strip()[-300:]} | stderr {err[-300:]!r}")
-    assert not problems, f"{len(problems)} of {cases} cases:\n" + "\n".join(problems[:40])
-    assert not (tmp_path / "pickle_ran").exists()                      # no checkpoint ran code
-    assert cases > 1000
-    print(f"{cases} cases")
-
-
-@pytest.mark.parametrize("prog", ["train", "bench"])
-def test_out_of_memory_is_one_line_and_exit_1(prog, tmp_path, monkeypatch, capsys):
-    import bench
-
-    def allocate(*a, **k):  # what torch's CPU allocator raises for a learner too large to build
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
-                           "can't allocate memory: you tried to allocate 2199023255552 bytes.")
-    monkeypatch.setattr(models, "build", allocate)
-    main, argv = ((train.main, [*TINY, "--out-dir", str(tmp_path / "r")]) if prog == "train"
-                  else (bench.main, BENCH_TINY))
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"{prog}.py: error: out of memory (can't allocate memory: you tried "
-                          "to allocate 2199023255552 bytes.)")
-
-
-# -----------------------------------------------------------------------------
-# Reproducing the findings (experiments.py): the sweep runner, the plateau rule, the figures
-
-EXP_TINY = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "3",
-        "--seq-len", "4", "--eval-datasets", "", "--eval-tasks", "1", "--eval-seqs", "2",
-        "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--log-every", "1"]
-
-
-@pytest.mark.slow
-def test_sweep_writes_one_record_per_run_and_skips_finished_ones(tmp_path):
-    out, runs_dir = str(tmp_path / "r.jsonl"), str(tmp_path / "runs")
-    runs = [(dict(model="transformer", width=8, n_head=2, num_tasks=n), EXP_TINY) for n in (1, None)]
-    # train.main, no torch start-up
-    ran = experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True)
-    assert sorted(ran) == sorted(experiments.run_id(p) for p, _ in runs)
-    recs = experiments.read_records(out)
-    assert [r["id"] for r in recs if r["params"]["num_tasks"] is None] == \
-        ["model=transformer,width=8,n_head=2,num_tasks=fresh"]
-    for r in recs:
-        assert r["summary"]["step"] == 3 and [s for s, _ in r["loss"]] == [1, 2, 3]
-        assert set(r["final"]) == {"seen random", "unseen random", "identity random"} and \
-            len(r["final"]["seen random"]["curve"]) == 4
-        assert r["evals"][-1]["step"] == 3 and "curve" not in r["evals"][-1]["results"]["seen random"]
-    # resumable: nothing to do
-    assert experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True) == []
-    assert len(experiments.read_records(out)) == 2
-
-
-def curve(plateau_end, n=200, every=20, low=1.0, high=math.log(10)):
-    """A loss at chance until plateau_end (None: forever), then low."""
-    return [[s, high if plateau_end is None or s < plateau_end else low]
-            for s in range(every, every * n + 1, every)]
-
-
-def test_plateau_rule():
-    assert experiments.plateau_length(curve(2000)) == 2000          # a plateau of known length
-    assert experiments.plateau_length(curve(None)) is None          # never escapes
-    assert experiments.plateau_length(curve(0)) == 20               # no plateau: first record
-    spiky = curve(None)
-    spiky[50][1] = 2.0                                              # one low record is noise,
-    assert experiments.plateau_length(spiky) is None                # not an escape (window 5)
-    # a steady slide: the trailing mean (steps 980..1060, mean 1020) is the first 0.1 below
-    slow = [[s, math.log(10) - 0.99e-4 * s] for s in range(20, 4001, 20)]
-    assert experiments.plateau_length(slow) == 1060
-
-
-def record(params, plateau_end, steps=4000, unseen_last=0.5, onset=None):
-    res = {k: dict(first=0.1, last=unseen_last if k.startswith("unseen") else 0.9, last_ci=0.01,
-                   improvement=unseen_last - 0.1, improvement_ci=0.02, n=64, curve=[0.1, unseen_last])
-           for k in ("seen random", "unseen random", "unseen mnist")}
-    evals = [dict(step=s, regime="x",
-                  results={k: dict(v, last=0.1 if onset is None or s < onset else v["last"])
-                           for k, v in res.items()})
-             for s in range(200, steps + 1, 200)]
-    return dict(id=experiments.run_id(params), params=params, flags=["--dataset", "random"],
-                loss=curve(plateau_end), evals=evals, final=res,
-                summary=dict(step=steps, regime="learning-to-learn", state_size=100,
-                             parameters=1000, results=res))
-
-
-def test_plateau_figure_data_fits_the_power_law():
-    base = experiments.PLATEAU_BASE
-    recs = [record(dict(base, batch_size=b), 20 * round(8000 * b ** -0.5 / 20), onset=2000)
-            for b in (32, 128, 512)]
-    recs += [record(dict(base, adam_eps_root=0.0), None), record(dict(base, bias=0.25), 200, onset=1400)]
-    d = experiments.figure_data("plateaus", recs)
-    assert d["batch_size"]["values"] == [32, 128, 512]
-    assert d["batch_size"]["exponent"] == pytest.approx(-0.5, abs=0.01)
-    assert d["adam_eps_root"]["values"] == [0.0, 1e-8] and d["adam_eps_root"]["plateau"][0] is None
-    assert d["bias"]["values"] == [0.25, 0.5] and d["bias"]["plateau"] == [200, 700]
-    assert d["bias"]["onset"] == [1400, 2000]
-
-
-def test_transition_figure_data_is_a_grid():
-    recs = [record(dict(model="transformer", width=w, num_tasks=n), 200,
-                   unseen_last=0.1 + (n is None) * w / 100)
-            for w in (16, 64) for n in (None, 4, 1)]
-    d = experiments.figure_data("transitions", recs[:-1])                        # one cell missing
-    g = d["transformer"]
-    assert g["tasks"] == [1, 4, None] and g["widths"] == [16, 64]     # fresh sorts last
-    assert g["unseen"][1] == [None, 0.1, pytest.approx(0.74)]
-    assert set(g["improvement"]) == {"seen random", "unseen random", "unseen mnist"}
-
-
-def with_baselines(rec, nn=(0.1, 0.3)):
-    """rec with 1-NN and SGD summaries beside the learner in its final evaluation."""
-    for v in rec["final"].values():
-        v["baselines"] = {"1-NN": dict(v, curve=list(nn)), "SGD": dict(v, curve=[0.1, 0.2])}
-    return rec
-
-
-def test_learning_curve_figure_data_draws_each_baseline_once_per_set():
-    recs = [with_baselines(record(dict(model="transformer", width=64), 200)),
-            with_baselines(record(dict(model="lstm", width=128), 200), nn=(0.5, 0.5)),
-            record(dict(model="sgd"), 200)]                                 # a run without them
-    d = experiments.figure_data("learning_curves", recs)
-    assert list(d["learners"]) == ["transformer d64", "lstm d128", "sgd"]
-    assert d["learners"]["sgd"]["unseen random"] == [0.1, 0.5]
-    assert d["baselines"]["unseen mnist"] == {"1-NN": [0.1, 0.3], "SGD": [0.1, 0.2]}  # the first
-    assert experiments.figure_data("learning_curves", recs[2:])["baselines"] == {}
-
-
-def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["transitions", "--plot", "--out", str(tmp_path / "none.jsonl")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "run `python experiments.py transitions`" in err[0]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
-def test_figures_draw(name, tmp_path):
-    pytest.importorskip("matplotlib")
-    base = experiments.PLATEAU_BASE
-    recs = {"plateaus": [record(dict(base, batch_size=b), 1000 // b * 20) for b in (16, 32)] +
-                        [record(dict(base, bias=0.0), None)],
-            "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200)
-                            for w in (8, 16) for n in (1, None)],
-            "state_size": [record(dict(model=m, width=8), 200) for m in ("lstm", "transformer")],
-            "learning_curves": [with_baselines(record(dict(model="sgd"), 200))]}[name]
-    path = experiments.plot(name, recs, str(tmp_path / f"{name}.png"))
-    assert os.path.getsize(path) > 1000
-
-
-def test_plateau_stop_rule_waits_for_both_ends_and_the_margin():
-    stop = experiments.plateau_stop("random", margin=300)
-    rec = record(dict(batch_size=32), 2000, steps=4000, onset=2400)
-    log = lambda upto: ([dict(step=s, loss=l) for s, l in rec["loss"] if s <= upto] +
-                        [dict(step=e["step"], eval=e["results"]) for e in rec["evals"]
-                         if e["step"] <= upto])
-    assert not stop(log(2200))          # the loss has escaped, unseen accuracy not yet
-    assert not stop(log(2680))          # both have, but only 280 steps ago
-    assert stop(log(2700))
-    never = record(dict(batch_size=32), 2000, steps=4000, onset=None)
-    never["evals"] = [dict(e, results={k: dict(v, last=0.1) for k, v in e["results"].items()})
-                      for e in never["evals"]]
-    assert not stop([dict(step=s, loss=l) for s, l in never["loss"]] +
-                    [dict(step=e["step"], eval=e["results"]) for e in never["evals"]])
-
-
-def test_run_figure_draws_a_tiny_log_with_its_baselines(tmp_path):
-    pytest.importorskip("matplotlib")
-    curve = lambda a: dict(curve=[0.1, a], last=a, first=0.1)
-    ev = {"unseen mnist": dict(curve(0.6), baselines={"1-NN": curve(0.5), "SGD": curve(0.3)}),
-          "seen mnist": curve(0.9), "unseen random": curve(0.8)}
-    records = [dict(step=50, loss=2.3), dict(step=100, loss=1.5), dict(step=100, eval=ev)]
-    with open(tmp_path / "log.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    d = experiments.run_figure_data(records)
-    assert d["loss"] == [(50, 2.3), (100, 1.5)] and d["by_step"] == [(100, 0.6)]
-    assert list(d["curves"]) == ["unseen mnist", "unseen random"]         # unseen sets only
-    assert d["curves"]["unseen mnist"] == {"learner": [0.1, 0.6], "1-NN": [0.1, 0.5],
-                                           "SGD": [0.1, 0.3]}
-    experiments.main(["run", str(tmp_path)])
-    png = open(tmp_path / "curves.png", "rb").read()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    with open(tmp_path / "log.jsonl", "w") as f:                          # no evaluation yet
-        f.write(json.dumps(records[0]) + "\n")
-    with pytest.raises(SystemExit) as e:
-        experiments.main(["run", str(tmp_path), "--out", str(tmp_path / "b.png")])
-    assert e.value.code == 2
-
-
-def test_wsd_schedule_holds_the_rate_then_cools_down_linearly_to_a_tenth():
-    args = argparse.Namespace(lr=1e-3, warmup=0, schedule="wsd", steps=400)
-    lr = [train.lr_at(s, args) for s in range(400)]
-    assert lr[0] == lr[299] == 1e-3                                     # the first three quarters
-    assert lr[350] == pytest.approx(1e-3 * (1 - 0.9 * 0.5))             # half-way down
-    assert all(a > b for a, b in zip(lr[300:], lr[301:]))               # falling, to
-    assert lr[-1] == pytest.approx(1e-4, rel=0.1)                       # 10% at the end
-
-
-def test_bias_steps_stop_the_bias_after_that_step():
-    x_all, y_all = torch.randn(300, 5), torch.randint(0, 10, (300,))
-    base = dict(lookup_steps=0, seed=0, seq_len=10, num_tasks=data.FRESH, batch_size=64,
-                seqs_per_task=1, bias_task=0.0, bias=0.9)
-    tasks = dict(train=(x_all, y_all), lookup=None)
-    idx = torch.arange(64)
-    with_bias = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=7, seq_index=idx)
-    limited = lambda step: train.get_batch(argparse.Namespace(**base, bias_steps=5), tasks,
-                                           step=step, seq_index=idx)
-    unbiased = train.get_batch(argparse.Namespace(**dict(base, bias=0.0), bias_steps=0), tasks,
-                               step=7, seq_index=idx)
-    assert torch.equal(limited(7)[1], unbiased[1]) and not torch.equal(with_bias[1], unbiased[1])
-    early = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=4, seq_index=idx)
-    assert torch.equal(limited(4)[1], early[1])
-
-
-@pytest.mark.parametrize("scale", ["cpu", "gpu"])
-def test_every_sweep_names_its_preset_and_its_layout(scale):
-    # without --preset a sweep would inherit the machine's (paper on a GPU, cpu elsewhere)
-    for name, sweep in experiments.EXPERIMENTS.items():
-        for params, flags in sweep(scale):
-            args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
-            assert args.preset == ("cpu" if scale == "cpu" else "paper"), (name, params)
-            configurator.apply_preset(args)
-            if scale == "gpu":  # 16 task slots at batch 128 as the authors', not 128 / 32 = 4
-                assert args.seqs_per_task == 8, (name, params)
