@@ -131,20 +131,37 @@ def ci95(values):
 #         narrow as the learner's
 
 
+def k_nearest(x_ctx, y_ctx, x_query, k=1, earlier_only=False):
+    """k-NN: each query gets the majority label of its k nearest context examples (Euclidean; a
+    tie in the vote goes to the nearest one's label, a tie in distance to the earliest).
+    x_ctx (B, J, n), y_ctx (B, J), x_query (B, Q, n) -> (B, Q). earlier_only: query t may only
+    look at context examples j < t (Q = J, the per-position baseline); a query with none
+    predicts label 0."""
+    # cdist's fast |a|^2 + |b|^2 - 2ab form (3x faster than exact here) rounds, which can only
+    # reorder near-ties; an example repeated earlier in the sequence is still the nearest
+    dist = torch.cdist(x_query, x_ctx)                                      # (B, Q, J)
+    if earlier_only:
+        Q, J = dist.shape[1:]
+        earlier = torch.ones(Q, J, dtype=torch.bool, device=dist.device).tril(-1)  # j < t
+        dist = dist.masked_fill(~earlier, float("inf"))
+    nearest = dist.argmin(-1, keepdim=True)                                 # (B, Q, 1) earliest
+    if k > 1:
+        nearest = torch.cat([nearest, dist.scatter(-1, nearest, float("inf")).topk(
+            min(k, dist.shape[-1]) - 1, largest=False).indices], -1)       # (B, Q, k)
+    labels = torch.gather(y_ctx[:, None].expand(-1, dist.shape[1], -1), 2, nearest)  # (B, Q, k)
+    votes = F.one_hot(labels, data.NUM_CLASSES).float()                     # (B, Q, k, C)
+    pred = (votes.sum(2) + 0.5 * votes[:, :, 0]).argmax(-1)                 # (B, Q)
+    if earlier_only:
+        pred[:, 0] = 0                                                      # nothing to look at
+    return pred
+
+
 def nearest_neighbour(x, y):
     """Per-position 1-NN: at position t the label of the nearest of examples 0..t-1 (Euclidean,
     on the projected inputs A x; a tie goes to the earliest). x (B, T, N_x), y (B, T) -> (B, T).
     Position 0 has no context: it predicts label 0, right by chance only, since every task
     permutes the labels at random."""
-    T = x.shape[1]
-    # cdist's fast |a|^2 + |b|^2 - 2ab form (3x faster than exact here) rounds, which can only
-    # reorder near-ties; an example repeated earlier in the sequence is still the nearest
-    dist = torch.cdist(x, x)                                                # (B, T, T)
-    earlier = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)  # j < t, strictly
-    nearest = dist.masked_fill(~earlier, float("inf")).argmin(-1)          # (B, T)
-    pred = torch.gather(y, 1, nearest)                                      # (B, T)
-    pred[:, 0] = 0                                                          # nothing to look at
-    return pred
+    return k_nearest(x, y, x, k=1, earlier_only=True)
 
 
 def gradient_descent(x, y):
@@ -160,35 +177,44 @@ def gradient_descent(x, y):
 def logistic_regression(x, y, l2=1e-2, steps=30):
     """Per-position logistic regression: at position t a linear softmax classifier, fitted on
     examples 0..t-1 of the sequence, predicts example t. x (B, T, N_x), y (B, T) -> (B, T);
-    position 0 has no context and predicts label 0, as 1-NN.
-
-        W_t = argmin_W  1/t sum_{j<t} CE(W^T [x_j; 1], y_j) + l2/2 |W|^2     (the bias row free)
-
-    The loss is convex and W_t is close to W_{t-1}, so each fit starts from the last one and
-    takes `steps` of FISTA (accelerated gradient descent) at step 1/L, where L bounds the
-    gradient's Lipschitz constant: the softmax's Hessian is at most I/2 in the logits, so
-    L = lambda_max(X^T X / t) / 2 + l2 (lambda_max by power iteration, carried along too)."""
+    position 0 has no context and predicts label 0, as 1-NN. W_t is close to W_{t-1}, so each
+    fit (fit_logistic) starts from the last one and takes `steps` more steps."""
     B, T, n = x.shape
-    xb = torch.cat([x, torch.ones_like(x[..., :1])], -1).float()           # (B, T, n+1)
+    xb = F.pad(x.float(), (0, 1), value=1.0)                                # (B, T, n+1) bias
     target = F.one_hot(y, data.NUM_CLASSES).float()                        # (B, T, C)
-    penalised = torch.ones(n + 1, 1, device=x.device)
-    penalised[-1] = 0                                                       # not the bias
     W = xb.new_zeros(B, n + 1, data.NUM_CLASSES)                           # (B, n+1, C)
-    v = torch.ones(B, n + 1, device=x.device)
     pred = torch.zeros_like(y)
     for t in range(1, T):
-        X, Y = xb[:, :t], target[:, :t]                                     # the prefix j < t
-        cov = X.transpose(1, 2) @ X / t                                     # (B, n+1, n+1)
-        for _ in range(3):
-            v = F.normalize((cov @ v[..., None])[..., 0], dim=-1)
-        lr = 1 / ((v[:, None] @ cov @ v[..., None])[:, 0] / 2 + l2)         # (B, 1): 1 / L
-        W_prev = W
-        for k in range(steps):
-            Z = W + (k / (k + 3)) * (W - W_prev)                            # FISTA's look-ahead
-            grad = X.transpose(1, 2) @ ((X @ Z).softmax(-1) - Y) / t + l2 * penalised * Z
-            W_prev, W = W, Z - lr[..., None] * grad
+        W = fit_logistic(xb[:, :t], target[:, :t], l2, steps, W)            # on j < t
         pred[:, t] = (xb[:, t, None] @ W)[:, 0].argmax(-1)                  # (B,)
     return pred
+
+
+def fit_logistic(X, Y, l2, steps, W=None):
+    """Multinomial logistic regression, for B problems at once: X (B, J, n+1) with a bias
+    column last, Y (B, J, C) one-hot -> W (B, n+1, C), after `steps` of FISTA (accelerated
+    gradient descent) from W (zeros if None) on
+
+        1/J sum_j CE(W^T x_j, y_j) + l2/2 |W|^2     (the bias row not penalised)
+
+    The loss is convex; its gradient is L-Lipschitz with L = lambda_max(X^T X / J) / 2 + l2
+    (the softmax's Hessian is at most I/2 in the logits), so the step is 1/L, lambda_max by
+    power iteration."""
+    B, J, n1 = X.shape
+    W = X.new_zeros(B, n1, Y.shape[-1]) if W is None else W
+    cov = X.transpose(1, 2) @ X / J                                         # (B, n+1, n+1)
+    v = torch.ones(B, n1, 1, device=X.device)
+    for _ in range(10):
+        v = F.normalize(cov @ v, dim=1)
+    lr = 1 / ((v.transpose(1, 2) @ cov @ v) / 2 + l2)                       # (B, 1, 1): 1 / L
+    penalised = torch.ones(n1, 1, device=X.device)
+    penalised[-1] = 0                                                       # not the bias
+    W_prev = W
+    for k in range(steps):
+        Z = W + (k / (k + 3)) * (W - W_prev)                                # FISTA's look-ahead
+        grad = X.transpose(1, 2) @ ((X @ Z).softmax(-1) - Y) / J + l2 * penalised * Z
+        W_prev, W = W, Z - lr * grad
+    return W
 
 
 L2_GRID = (1e-3, 1e-2, 1e-1)

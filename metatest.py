@@ -147,28 +147,16 @@ class InContextClassifier:
 # Baselines on the same context rows (already z-normalised): kNN and logistic regression
 
 def knn_predict(x_ctx, y_ctx, x_query, k=1):
-    """Majority of the k nearest context rows (Euclidean); a tie goes to the nearest one's class."""
-    idx = torch.cdist(x_query, x_ctx).topk(min(k, len(y_ctx)), largest=False).indices  # (Q, k)
-    n_cls = int(y_ctx.max()) + 1
-    votes = F.one_hot(y_ctx[idx], n_cls).sum(1) + 0.5 * F.one_hot(y_ctx[idx[:, 0]], n_cls)
-    return votes.argmax(1)
+    """The evaluation's k-NN (gpicl.k_nearest) on one context: (n, d), (n,), (Q, d) -> (Q,)."""
+    return gpicl.k_nearest(x_ctx[None], y_ctx[None], x_query[None], k)[0]
 
 
-def logreg_predict(x_ctx, y_ctx, x_query, l2=1e-2, iters=200):
-    """Multinomial logistic regression, full-batch L-BFGS on cross-entropy + l2/2 |W|^2."""
-    W = torch.zeros(x_ctx.shape[1] + 1, int(y_ctx.max()) + 1, device=x_ctx.device,
-                    requires_grad=True)                                 # (d+1, k)
-    a = F.pad(x_ctx, (0, 1), value=1.0)                                 # (n, d+1), bias column
-    opt = torch.optim.LBFGS([W], max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(a @ W, y_ctx) + l2 / 2 * W[:-1].pow(2).sum()
-        loss.backward()
-        return loss
-    with torch.enable_grad():
-        opt.step(closure)
-    return (F.pad(x_query, (0, 1), value=1.0) @ W.detach()).argmax(1)
+def logreg_predict(x_ctx, y_ctx, x_query, l2=1e-2, steps=500):
+    """The evaluation's logistic regression (gpicl.fit_logistic) fitted on one whole context:
+    (n, d), (n,), (Q, d) -> (Q,)."""
+    X, Q = F.pad(x_ctx.float(), (0, 1), value=1.0), F.pad(x_query.float(), (0, 1), value=1.0)
+    W = gpicl.fit_logistic(X[None], F.one_hot(y_ctx, data.NUM_CLASSES).float()[None], l2, steps)
+    return (Q @ W[0]).argmax(1)
 
 
 # -----------------------------------------------------------------------------
