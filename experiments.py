@@ -15,16 +15,17 @@ evaluations (every eval of training: first, last, improvement; the final one in 
 its per-position curves). A run whose id is already in the file is skipped, and an interrupted
 run is continued with --resume, so a sweep is resumable by just running the command again.
 
-Scales. `cpu`: small problems that show each effect qualitatively on 2 cores in well under 30
-min per sweep. The base task at this scale is mostly the paper's Random dataset (10 noise images
-per task, 5x5 after resizing, random projection + label permutation per task, sequences of 10):
-pure in-context lookup, the one problem whose loss plateau a 2-layer Transformer escapes in a
-few thousand CPU steps (on MNIST with fresh tasks it sits at chance for > 6,000 steps). Its
-"other dataset" for meta-testing is MNIST at 5x5. `gpu`: the authors' code defaults where
-known, ours elsewhere (MNIST 14x14, sequences of 100, meta-batch 128, 50k steps, Transformer
-d256 x 4 layers unless swept); run it with --jobs 1 on one GPU. Expected times in each
-docstring are ESTIMATES (one H100, ~10-20 ms per step at d256/B128/T100 with bf16), not
-measured: no GPU was available when this was written.
+Scales. `cpu`: the cpu preset's recipe, the one that learns MNIST in context on 2 cores (7x7
+MNIST, sequences of 100, fresh tasks unless swept, a 2-layer Transformer 128 wide unless swept,
+batch 128, lr 2e-3 after 100 warm-up steps, 3,000 steps), one thread per run, two runs at a
+time (--jobs 2). A Transformer run is about 13 minutes alone on 2 threads (measured: the cpu
+preset, NOTEBOOK.md); with one thread each and two at a time, estimate 20-25 minutes per run.
+The other learners get the preset's budget instead of steps (batch 64, 13 minutes each). Every
+run's record lists every flag it used (summary.json's "flags"). `gpu`: the authors' code
+defaults where known, ours elsewhere (MNIST 14x14, sequences of 100, meta-batch 128 in 16 task
+slots, 50k steps, Transformer d256 x 4 layers unless swept); run it with --jobs 1 on one GPU.
+The GPU times in each docstring are ESTIMATES (one H100, ~10-20 ms per step at d256/B128/T100
+with bf16), not measured.
 
 The plateau rule (used for every plateau number and in tests): smooth the logged training
 loss with a trailing mean over WINDOW=5 records (100 steps at --log-every 20); the plateau
@@ -55,10 +56,14 @@ PLATEAU_LOSS = math.log(10)
 
 # Every sweep names its preset and the flags that shape its meta-batches, so that it runs the
 # same on any machine (without --preset, train.py picks paper on a GPU and cpu elsewhere)
-CPU = ["--preset", "cpu", "--seqs-per-task", "1", "--schedule", "constant", "--adam-eps-root", "0",
-       "--device", "cpu", "--threads", "1", "--dataset", "random", "--image-size", "5",
-       "--seq-len", "10", "--eval-datasets", "mnist", "--eval-tasks", "8", "--eval-seqs", "32",
-       "--log-every", "20", "--lr", "2e-3", "--batch-size", "32"]
+CPU = ["--preset", "cpu", "--seqs-per-task", "1", "--schedule", "wsd", "--adam-eps-root", "0",
+       "--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
+       "--seq-len", "100", "--eval-datasets", "uci_digits", "--eval-tasks", "16",
+       "--eval-seqs", "32", "--log-every", "20", "--lr", "2e-3", "--warmup", "100",
+       "--batch-size", "128", "--steps", "3000", "--eval-every", "500"]
+# the cpu preset's budget for a learner other than the Transformer: 13 minutes at batch 64
+CPU_OTHER_LEARNER = ["--batch-size", "64", "--steps", "20000", "--time-budget", "13m",
+                     "--schedule", "constant", "--lr", "1e-3", "--warmup", "0"]
 SMALL_TRANSFORMER = dict(n_layer=2, n_head=4)  # the other learners take no layers or heads
 # gpu: 16 task slots of 8 sequences (the authors' 16 slots, at batch 128: ours)
 GPU = ["--preset", "paper", "--seqs-per-task", "8", "--schedule", "constant",
@@ -80,15 +85,13 @@ def transitions(scale):
     Paper: with few tasks the learner memorises instances (seen accuracy high, no improvement
     within the sequence); then it memorises tasks (seen tasks improve along the sequence, unseen
     do not); from ~2^13-2^14 MNIST tasks and width >= 64 it learns-to-learn (unseen tasks
-    improve, ~0.6 on MNIST, ~0.4 on FashionMNIST). cpu: Random base, 2^0/2/4/6/8/12 and fresh
-    tasks x width 16/64, 4,000 steps each, evaluated on 32 tasks x 16 sequences: spread over many
-    tasks, since sequences of one task are not independent (14 runs, 13 min on 2 busy cores).
+    improve, ~0.6 on MNIST, ~0.4 on FashionMNIST). cpu: the cpu recipe, 2^0, 2^2, ..., 2^16 and
+    fresh tasks x Transformer width 16/64/128 (30 runs, estimate 5-6 hours on 2 cores).
     gpu: MNIST, 2^0..2^24 (every second power) and fresh x Transformer width 16/64/256 and MLP
-    64/256/1024, 50k steps: 84 runs of ~10-15 min on an H100 (~15-20 GPU hours)."""
+    64/256/1024, 50k steps: 84 runs of ~10-15 min on an H100 (~15-20 GPU hours, estimate)."""
     if scale == "cpu":
-        tasks, sizes = [1, 4, 16, 64, 256, 4096, None], {"transformer": [16, 64]}
-        extra = CPU + ["--steps", "4000", "--eval-every", "500", "--eval-tasks", "32",
-                       "--eval-seqs", "16", "--n-layer", "2", "--n-head", "4"]
+        tasks = [2 ** k for k in range(0, 17, 2)] + [None]
+        sizes, extra = {"transformer": [16, 64, 128]}, CPU + ["--n-layer", "2", "--n-head", "4"]
     else:
         tasks = [2 ** k for k in range(0, 25, 2)] + [None]
         sizes, extra = {"transformer": [16, 64, 256], "mlp": [64, 256, 1024]}, GPU
@@ -97,23 +100,22 @@ def transitions(scale):
 
 
 def state_size(scale):
-    """Paper section 4.2, Figure 6: learners of many kinds and sizes; meta-test accuracy follows
-    the state size (floats carried from one step to the next), not the parameter count. cpu:
-    fresh Random tasks (lookup needs a memory of the 10 pairs seen), Transformer / LSTM /
-    outer-product LSTM / fast-weight memory at 1-2 widths, meta-batch 128 (at batch 32 the
-    lookup plateau outlasts 4,000 steps: every learner stayed at chance), 3,000 steps (7 runs,
-    ~12 min on 2 busy cores).
+    """Paper section 4.2, Figures 7-8: learners of many kinds and sizes; meta-test accuracy
+    follows the state size (floats carried from one step to the next), not the parameter count.
+    The two are decoupled: the Transformer's key size moves its state (the KV cache, 2 x layers
+    x T x heads x key size) and hardly its parameters, its width the other way round; the LSTM,
+    the outer-product LSTM and the fast-weight memory are widened. cpu: the cpu recipe on fresh
+    MNIST tasks; Transformers at key size 2/8/32 (width 128) and width 32 (key size 32); the
+    others on the preset's 13-minute budget (13 runs, estimate 3-4 hours on 2 cores).
     gpu: MNIST with 2^24 tasks, the same kinds at 4 widths each, 50k steps (16 runs, ~4 GPU h)."""
-    widths = {"lstm": [16, 128], "outer_lstm": [4, 16], "fwm": [8]} if scale == "cpu" else \
-        {"lstm": [64, 256, 1024, 2048], "outer_lstm": [4, 8, 16, 32], "fwm": [8, 16, 32, 64]}
-    # the Transformer's state is its KV cache, 2 x layers x T x heads x key size: vary the key size
-    keys = [2, 8] if scale == "cpu" else [4, 8, 16, 32]
-    extra = CPU + ["--steps", "3000", "--eval-every", "500", "--num-tasks", "fresh",
-                   "--batch-size", "128"] \
-        if scale == "cpu" else GPU + ["--num-tasks", str(2 ** 24)]
-    small = SMALL_TRANSFORMER if scale == "cpu" else {}
-    return [(dict(model="transformer", width=32 if scale == "cpu" else 256, **small, key_size=k),
-             extra) for k in keys] + \
+    if scale == "cpu":
+        transformers = [dict(width=128, key_size=k) for k in (2, 8, 32)] + [dict(width=32, key_size=32)]
+        widths = {"lstm": [64, 256, 512], "outer_lstm": [8, 16, 32], "fwm": [8, 16], "mlp": [256]}
+        return [(dict(model="transformer", **SMALL_TRANSFORMER, **t), CPU) for t in transformers] + \
+            [(dict(model=m, width=w), CPU + CPU_OTHER_LEARNER) for m, ws in widths.items() for w in ws]
+    widths = {"lstm": [64, 256, 1024, 2048], "outer_lstm": [4, 8, 16, 32], "fwm": [8, 16, 32, 64]}
+    extra = GPU + ["--num-tasks", str(2 ** 24)]
+    return [(dict(model="transformer", width=256, key_size=k), extra) for k in (4, 8, 16, 32)] + \
         [(dict(model=m, width=w), extra) for m, ws in widths.items() for w in ws]
 
 
@@ -121,26 +123,22 @@ PLATEAU_BASE = dict(batch_size=128, adam_eps_root=1e-8, bias=0.5)  # varied one 
 
 
 def plateaus(scale):
-    """Paper section 4.3, Figures 7-9: the loss sits at chance for a long time before in-context
+    """Paper section 4.3, Figures 9-11: the loss sits at chance for a long time before in-context
     learning appears. Plateau length falls as a power law in the batch size; a smaller Adam
     epsilon shortens it; "we bias towards a specific permutation by using a fixed permutation for
     a fraction of each batch. This completely eliminates the loss plateau" (memorisation first,
-    then generalisation). One base run (batch 128, optax's eps_root 1e-8, identity labels on half
-    the task slots: PLATEAU_BASE), varied one factor at a time: the bias F, eps_root 0 (torch's
-    Adam's update), the batch size. cpu: bias 0/0.25/0.9 and eps_root 0 on MNIST 7x7 with fresh
-    tasks, sequences of 100,
-    the CPU preset's Transformer (d64 x 2 layers, 4 heads of 16), at most 2,500 steps, stopped
-    300 steps after both the plateau and the generalisation onset (5 runs, ~40 min on 2 quiet
-    cores; no batch sizes at this scale, for time). gpu: MNIST 14x14 fresh tasks, d256 x 4,
-    50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch 64/256/512."""
+    then generalisation). One base run (batch 128, optax's eps_root 1e-8, identity labels for
+    half the task ids: PLATEAU_BASE), varied one factor at a time: the bias F, eps_root 0
+    (torch's Adam's update), the batch size. A constant learning rate, so that the plateau's
+    length is not the schedule's. cpu: the cpu recipe on fresh MNIST tasks, bias 0/0.1/0.25/0.9,
+    eps_root 0, batch 32/64/256, at most 4,000 steps, stopped 300 steps after both the plateau
+    and the generalisation onset (9 runs, estimate 2-3 hours on 2 cores). gpu: MNIST 14x14 fresh
+    tasks, d256 x 4, 50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch 64/256/512."""
     if scale == "cpu":
-        batches, roots, bias = [], [0.0], [0.0, 0.25, 0.9]
-        extra = ["--preset", "cpu", "--seqs-per-task", "1", "--schedule", "constant",
-                 "--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
-                 "--seq-len", "100", "--eval-datasets", "", "--eval-tasks", "8", "--eval-seqs", "32",
-                 "--baselines", "off", "--log-every", "20", "--lr", "1e-3", "--model", "transformer",
-                 "--width", "64", "--n-layer", "2", "--n-head", "4", "--key-size", "16",
-                 "--num-tasks", "fresh", "--steps", "2500", "--eval-every", "250"]
+        batches, roots, bias = [32, 64, 256], [0.0], [0.0, 0.1, 0.25, 0.9]
+        extra = CPU + ["--schedule", "constant", "--steps", "4000", "--eval-every", "250",
+                       "--eval-datasets", "", "--baselines", "off", "--width", "128",
+                       "--n-layer", "2", "--n-head", "4"]
     else:
         batches, roots, bias = [64, 256, 512], [0.0], [0.0, 0.1, 0.25, 0.9]  # bias[0]: 0
         extra = GPU + ["--num-tasks", "fresh", "--eval-every", "500"]
@@ -155,14 +153,15 @@ def learning_curves(scale):
     """Paper Figure 3 / Table 1: accuracy against the number of examples seen, meta-trained on
     MNIST, meta-tested on unseen MNIST tasks and on other datasets; the Transformer goes from
     0.1 at the first example to ~0.74 at the 100th on MNIST, close to SGD (0.70). cpu: the cpu
-    preset (MNIST 7x7, sequences of 100, Transformer d64 x 2, 6,000 steps), an LSTM with the same
-    budget, and plain SGD (no meta-training).
-    gpu: MNIST 14x14, Transformer d256 x 4, LSTM 1024, 50k steps (+ lookup curriculum 5k), SGD
-    and MAML (~3 GPU h). The figure draws the 1-NN and SGD baselines of the evaluation (scored on
-    the same sequences, gpicl.evaluate) dashed beside the learners."""
+    preset as it is (`python train.py --model M`): the Transformer, the LSTM of state 1,024 and
+    the outer-product LSTM (on its 13-minute budget), and plain SGD (no meta-training); about an
+    hour. gpu: MNIST 14x14, Transformer d256 x 4, LSTM 1024, 50k steps (+ lookup curriculum 5k),
+    SGD and MAML (~3 GPU h). The figure draws the baselines of the evaluation (scored on the
+    same sequences, gpicl.evaluate) dashed beside the learners."""
     if scale == "cpu":
-        extra = ["--device", "cpu", "--threads", "1", "--preset", "cpu", "--log-every", "50"]
-        runs = [dict(model="transformer"), dict(model="lstm", width=128), dict(model="sgd")]
+        extra = ["--device", "cpu", "--preset", "cpu", "--log-every", "50"]
+        runs = [dict(model="transformer"), dict(model="lstm", state_size=1024),
+                dict(model="outer_lstm"), dict(model="sgd")]
     else:
         extra = GPU + ["--num-tasks", "fresh", "--lookup-steps", "5000", "--lookup-seq-len", "20"]
         runs = [dict(model="transformer"), dict(model="lstm", width=1024), dict(model="sgd"),
