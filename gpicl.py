@@ -6,8 +6,8 @@ before it sees it; train.py meta-trains it on the cross-entropy at every positio
 meta-training, the learner is able to learn new tasks in-context, without any gradient step":
 its accuracy on tasks it never saw rises along the sequence as it reads more examples.
 `evaluate` measures exactly that, per position, on seen tasks, unseen tasks and unseen tasks of
-other datasets, beside 1-NN and SGD scored on the very same sequences (so a curve can be read
-against learners that need no meta-training), and `regime` names which of the paper's three
+other datasets, beside 1-NN, logistic regression and SGD scored on the very same sequences (so
+a curve can be read against learners that need no meta-training), and `regime` names which of the paper's three
 regimes a learner is in. (A meta-trained learner as a classifier for your own table of numbers
 is metatest.py's InContextClassifier.)
 

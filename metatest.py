@@ -3,7 +3,7 @@ Meta-test trained learners: the paper's Table 1, UCI digits against classic base
 own CSV files.
 
     python metatest.py table1 runs/*/ckpt.pt              # Table 1 beside the paper's numbers
-    python metatest.py uci --ckpt checkpoints/mnist7_demo.pt   # 99 context rows, many splits
+    python metatest.py uci --ckpt checkpoints/cpu_preset_7x7.pt   # 99 context rows, many splits
     python metatest.py csv --ckpt C --train a.csv --test b.csv --label target
 
 A companion to gpicl.py: a meta-trained learner as a classifier for any table of numbers

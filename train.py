@@ -23,10 +23,10 @@ From a task id to a parameter update the data passes three files:
     models.py   the learner: tokens (B, T, N_x + 10) -> logits (B, T, 10)
     train.py    the loss at every position, loss.backward(), Adam's step
 
-gpicl.py evaluates the learner (seen and unseen tasks, beside 1-NN and SGD). The run's safety
-(Ctrl-C and SIGTERM, the folder lock, a non-finite loss, the time budget, the ranks' agreement
-under torchrun, atomic checkpoints and their checks on resume) is harness.py, entered below by
-one named call each; none of it is needed to follow the lesson.
+gpicl.py evaluates the learner (seen and unseen tasks, beside 1-NN, logistic regression and
+SGD). The run's safety (Ctrl-C and SIGTERM, the folder lock, a non-finite loss, the time
+budget, the ranks' agreement under torchrun, atomic checkpoints and their checks on resume) is
+harness.py, entered below by one named call each; none of it is needed to follow the lesson.
 """
 import json
 import math
