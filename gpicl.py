@@ -7,9 +7,9 @@ meta-training, the learner is able to learn new tasks in-context, without any gr
 its accuracy on tasks it never saw rises along the sequence as it reads more examples.
 `evaluate` measures exactly that, per position, on seen tasks, unseen tasks and unseen tasks of
 other datasets, beside 1-NN, logistic regression and SGD scored on the very same sequences (so
-a curve can be read against learners that need no meta-training), and `regime` names which of the paper's three
-regimes a learner is in. (A meta-trained learner as a classifier for your own table of numbers
-is metatest.py's InContextClassifier.)
+a curve can be read against learners that need no meta-training), and `regime` names which of
+the paper's three regimes a learner is in. (A meta-trained learner as a classifier for your own
+table of numbers is metatest.py's InContextClassifier.)
 
 Uses data.py (tasks, sequences, tokens) and models.py (learners); imported by train.py and
 metatest.py.
@@ -225,7 +225,8 @@ def choose_l2(x_all, y_all, seq_len, grid=L2_GRID, n_tasks=16, seqs_per_task=2):
     training split, never on an evaluation set: the one whose accuracy over the second half of
     the sequence is highest (ties: the smaller)."""
     ids = torch.arange(n_tasks, device=y_all.device).repeat_interleave(seqs_per_task)
-    x, y = data.task_sequences(x_all, y_all, ids, seq_len, torch.arange(len(ids)), EVAL_SEED + 1)
+    x, y = data.task_sequences(x_all, y_all, ids, seq_len=seq_len, seq_index=torch.arange(len(ids)),
+                               seed=EVAL_SEED + 1)
     score = lambda l2: (logistic_regression(x, y, l2) == y)[:, seq_len // 2:].float().mean()
     return max(grid, key=lambda l2: (score(l2).item(), -l2))
 
