@@ -505,13 +505,13 @@ def test_train_minimises_the_cross_entropy_at_every_position_of_the_meta_batch(t
     configurator.apply_preset(args)
     args.device = "cpu"
     tasks, _ = train.load_data(parser, args, [])
-    x, y = train.get_batch(args, tasks, step=0, seq_index=torch.arange(args.batch_size))
-    n_in = x.shape[-1] + 10
+    tokens, y = train.get_batch(args, tasks, step=0, seq_index=torch.arange(args.batch_size))
+    n_in = tokens.shape[-1]
     torch.manual_seed(args.seed)
     model = models.build("transformer", n_in, 10, **models.learner_sizes(
         "transformer", n_in, args.seq_len, width=16, n_layer=1, n_head=2))
     with torch.no_grad():
-        logp = model(data.make_tokens(x, y)).log_softmax(-1)                # (B, T, 10)
+        logp = model(tokens).log_softmax(-1)                                # (B, T, 10)
     by_hand = -logp.gather(-1, y[..., None]).mean().item()             # every position counts
     assert logged == pytest.approx(by_hand, rel=1e-5)
 

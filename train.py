@@ -16,7 +16,8 @@ uninterrupted run would have had.
 Read it top to bottom: meta_train (configuration, the learner, the optimizer, the run's folder
 and its resume, data and tasks), meta_train_loop (batch -> loss -> backward -> step, then
 evaluate and save), then what they call: get_batch, Adam, the evaluation and the summary.
-From a task id to a parameter update the data passes three files:
+From a task id to a parameter update the data passes three files (train.get_batch calls
+data.py, the loop calls models.py, the rest is here):
 
     data.py     sample_sequences: task id -> projection A and label permutation rho -> a
                 sequence of (A x_t, rho(y_t)); make_tokens: [A x_t ; onehot(rho(y_{t-1}))]
@@ -83,15 +84,7 @@ def meta_train(argv, guard):
 
     # --- the run's folder, locked to this run; --resume continues its checkpoint exactly
     ckpt = harness.open_run(parser, args, guard, learner, master=env.master, trains=bool(params))
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for group in optimizer.param_groups:  # the flags win over the saved values
-                group["eps"], group["eps_root"] = args.adam_eps, args.adam_eps_root
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
-        step = ckpt["step"]
+    step = 0 if ckpt is None else resume(ckpt, args, model, optimizer)
     # the checkpoint: weights, optimizer, RNG, flags (harness.py: written atomically)
     save = lambda step: harness.save_run(args, guard, step, model=model, optimizer=optimizer,
                                          learner=learner)
@@ -132,12 +125,12 @@ def meta_train_loop(args, env, guard, *, model, optimizer, tasks, evaluation, st
         for micro_step in range(args.grad_accum):  # micro-batches, their gradients summed
             first = (micro_step * env.world + env.rank) * env.micro  # its place in the meta-batch
             seq_index = torch.arange(first, first + env.micro, device=args.device)
-            x, y = get_batch(args, tasks, step=step, seq_index=seq_index)  # (B, T, N_x), (B, T)
+            tokens, y = get_batch(args, tasks, step=step, seq_index=seq_index)  # (B, T, N_x + 10)
             # DDP averages gradients over processes inside backward(); no_sync skips that for all
             # but the last micro-batch, so it happens once per step
             last_micro = micro_step == args.grad_accum - 1
             with (model.no_sync() if env.ddp and not last_micro else nullcontext()), env.ctx:
-                logits = model(data.make_tokens(x, y))  # (B, T, 10): a prediction per position
+                logits = model(tokens)  # (B, T, 10): a prediction of y_t at every position t
                 # the meta-loss: cross-entropy at every position, averaged (paper section 2)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / args.grad_accum
             loss.backward()
@@ -168,14 +161,26 @@ def meta_train_loop(args, env, guard, *, model, optimizer, tasks, evaluation, st
     return stopping, out_of_time, step
 
 
+def resume(ckpt, args, model, optimizer):
+    """Load a checkpoint's weights, optimizer and RNG state; -> its step."""
+    model.load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the flags win over the saved values
+            group["eps"], group["eps_root"] = args.adam_eps, args.adam_eps_root
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())  # map_location moved it to the device
+    return ckpt["step"]
+
+
 # -----------------------------------------------------------------------------
 # The meta-batch: sequences of (x, y) pairs from freshly augmented tasks (data.py)
 
 def get_batch(args, tasks, *, step, seq_index):
-    """The sequences seq_index of step `step`'s meta-batch. A pure function of (seed, step,
-    seq_index): every process draws its own slice of the same meta-batch, and a resumed run
-    draws exactly what an uninterrupted one would have. The first --lookup-steps draw from the
-    lookup curriculum (random images, short sequences), the rest from the real tasks."""
+    """The sequences seq_index of step `step`'s meta-batch, as the learner's tokens
+    [A x_t ; onehot(y_{t-1})] and the targets y_t. A pure function of (seed, step, seq_index):
+    every process draws its own slice of the same meta-batch, and a resumed run draws exactly
+    what an uninterrupted one would have. The first --lookup-steps draw from the lookup
+    curriculum (random images, short sequences), the rest from the real tasks."""
     lookup = step < args.lookup_steps
     x_all, y_all = tasks["lookup"] if lookup else tasks["train"]
     biased = not args.bias_steps or step < args.bias_steps  # --bias-steps: the bias ends there
@@ -183,8 +188,8 @@ def get_batch(args, tasks, *, step, seq_index):
         x_all, y_all, seed=args.seed, step=step, seq_index=seq_index,
         seq_len=args.lookup_seq_len if lookup else args.seq_len, num_tasks=args.num_tasks,
         bias=args.bias if biased else 0.0, batch_size=args.batch_size,
-        seqs_per_task=args.seqs_per_task, bias_task=args.bias_task)
-    return x, y  # (B, T, N_x), (B, T)
+        seqs_per_task=args.seqs_per_task, bias_task=args.bias_task)  # (B, T, N_x), (B, T)
+    return data.make_tokens(x, y), y  # (B, T, N_x + 10), (B, T)
 
 
 def load_data(parser, args, others):
