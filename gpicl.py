@@ -185,7 +185,7 @@ def logistic_regression(x, y, l2=1e-2, steps=30):
     W = xb.new_zeros(B, n + 1, data.NUM_CLASSES)                           # (B, n+1, C)
     pred = torch.zeros_like(y)
     for t in range(1, T):
-        W = fit_logistic(xb[:, :t], target[:, :t], l2, steps, W)            # on j < t
+        W = fit_logistic(xb[:, :t], target[:, :t], l2=l2, steps=steps, W=W)  # on j < t
         pred[:, t] = (xb[:, t, None] @ W)[:, 0].argmax(-1)                  # (B,)
     return pred
 
