@@ -1075,6 +1075,10 @@ def test_sweep_writes_one_record_per_run_and_skips_finished_ones(tmp_path):
         assert set(r["final"]) == {"seen random", "unseen random", "identity random"} and \
             len(r["final"]["seen random"]["curve"]) == 4
         assert r["evals"][-1]["step"] == 3 and "curve" not in r["evals"][-1]["results"]["seen random"]
+    head = subprocess.run(["git", "-C", experiments.HERE, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    if head:  # a git checkout (CI's clean clone is one): each record names the commit that ran
+        assert all(r["commit"].split("+")[0] == head for r in recs)
     # resumable: nothing to do
     assert experiments.run_sweep("tiny", runs, out, runs_dir, inprocess=True) == []
     assert len(experiments.read_records(out)) == 2
