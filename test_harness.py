@@ -1129,6 +1129,22 @@ def test_plateau_figure_data_fits_the_power_law():
     assert d["bias"]["onset"] == [1400, 2000]
 
 
+def test_lstm_levers_table_reads_each_run_against_the_base():
+    runs = experiments.lstm_levers("cpu")
+    ids = [experiments.run_id(p) for p, _ in runs]
+    assert len(set(ids)) == len(ids) >= 6                   # at least six settings, each its own
+    for params, flags in runs:                               # one lever at a time, on one base
+        args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
+        assert args.steps == 2000 and not args.time_budget and args.baselines == "off"
+        lever = {k: v for k, v in params.items() if k not in ("model", "state_size", "width")}
+        assert len(lever) <= 2 and (args.lr == 1e-3 or lever == dict(lr=3e-3)), params
+    recs = [record(dict(model="lstm", state_size=1024), None, unseen_last=0.1),
+            record(dict(model="lstm", state_size=1024, lr=3e-3), 600, unseen_last=0.3)]
+    rows = experiments.figure_data("lstm_levers", recs)
+    assert [r["plateau"] for r in rows] == [None, 600]       # never leaves it; leaves at 600
+    assert [r["last"] for r in rows] == [0.1, 0.3] and rows[1]["first"] == 0.1
+
+
 def test_transition_figure_data_is_a_grid():
     recs = [record(dict(model="transformer", width=w, num_tasks=n), 200,
                    unseen_last=0.1 + (n is None) * w / 100)
@@ -1175,7 +1191,9 @@ def test_figures_draw(name, tmp_path):
             "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200)
                             for w in (8, 16) for n in (1, None)],
             "state_size": [record(dict(model=m, width=8), 200) for m in ("lstm", "transformer")],
-            "learning_curves": [with_baselines(record(dict(model="sgd"), 200))]}[name]
+            "learning_curves": [with_baselines(record(dict(model="sgd"), 200))],
+            "lstm_levers": [record(dict(model="lstm", state_size=1024, **lever), end)
+                            for lever, end in (({}, None), (dict(lr=3e-3), 400))]}[name]
     path = experiments.plot(name, recs, str(tmp_path / f"{name}.png"))
     assert os.path.getsize(path) > 1000
 
