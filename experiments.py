@@ -468,8 +468,9 @@ def plot(name, records, path):
                 im = a.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
                 for i, line in enumerate(grid):
                     for j, v in enumerate(line):
-                        a.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                               color="k" if v > 0.5 else "w")
+                        if not math.isnan(v):  # a cell the sweep has not reached yet stays blank
+                            a.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                                   color="k" if v > 0.5 else "w")
                 a.set_xticks(range(len(g["tasks"])), [fmt_n(n) for n in g["tasks"]], fontsize=7)
                 a.set_yticks(range(len(g["widths"])), g["widths"])
                 a.set(title=f"{m}: {key} tasks, acc@last", xlabel="number of tasks", ylabel="width")
