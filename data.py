@@ -188,11 +188,14 @@ def make_tokens(x, y):
     return torch.cat([x, y_prev], dim=-1)                            # (B, T, N_x + 10)
 
 
-def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0):
+def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0, identity_labels=None):
     """Sequences of given tasks, for evaluation: task_ids, seq_index (B,) -> x (B, T, N_x),
-    y (B, T). Sequence seq_index of the set is the same however the set is batched."""
+    y (B, T). Sequence seq_index of the set is the same however the set is batched.
+    identity_labels (B,) bool: where True the task keeps the identity labels, as a task id
+    that the bias labelled so in training (keeps_identity_labels); None: every task permutes."""
     idx = draw_examples(hash_key(seed, task_ids, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
-    return apply_tasks(examples(x_all, idx, task_ids), y_all[idx], task_ids)
+    permute = None if identity_labels is None else ~identity_labels
+    return apply_tasks(examples(x_all, idx, task_ids), y_all[idx], task_ids, permute)
 
 
 # -----------------------------------------------------------------------------

@@ -39,14 +39,20 @@ def seen_task_ids(eval_tasks, num_tasks, device):
     return torch.arange(eval_tasks, device=device) % num_tasks
 
 
-def eval_sets(base, others, num_tasks, eval_tasks, eval_seqs, device):
-    """{name: (x_all, y_all, task_ids)}: the base dataset's test split on seen and unseen tasks
-    and as it is (no projection, no relabelling, as the authors also report), and each other
-    dataset's test split on unseen tasks."""
+def eval_sets(base, others, num_tasks, eval_tasks, eval_seqs, device, bias=0.0):
+    """{name: (x_all, y_all, task_ids[, identity_labels])}: the base dataset's test split on
+    seen and unseen tasks and as it is (no projection, no relabelling, as the authors also
+    report), and each other dataset's test split on unseen tasks.
+
+    A seen task is the task as meta-training drew it: under --bias F an id that training
+    labelled with the identity (data.keeps_identity_labels) keeps it here (ours: the authors'
+    meta_test reports seen ids with every label map permuted and with none, mnist_projections.py,
+    `permute_labels`; neither is what a biased id was trained on). Unseen tasks permute."""
     per_seq = lambda ids: ids.repeat_interleave(eval_seqs)          # (eval_tasks * eval_seqs,)
     unseen = per_seq(data.unseen_task_ids(eval_tasks, device))
     name, splits = base
-    sets = {f"seen {name}": (*splits["test"], per_seq(seen_task_ids(eval_tasks, num_tasks, device))),
+    seen = per_seq(seen_task_ids(eval_tasks, num_tasks, device))
+    sets = {f"seen {name}": (*splits["test"], seen, data.keeps_identity_labels(seen, bias)),
             f"unseen {name}": (*splits["test"], unseen),
             f"identity {name}": (*splits["test"], torch.full_like(unseen[:eval_seqs],
                                                                    data.IDENTITY_TASK))}
@@ -55,13 +61,15 @@ def eval_sets(base, others, num_tasks, eval_tasks, eval_seqs, device):
     return sets
 
 
-def eval_batches(x_all, y_all, task_ids, seq_len, batch_size=256):
+def eval_batches(x_all, y_all, task_ids, seq_len, batch_size=256, identity_labels=None):
     """The evaluation sequences of the given tasks, batch by batch: (seq_index (b,), x (b, T, N_x),
     y (b, T)). Sequence i is the same however the set is batched (data.task_sequences)."""
     for i in range(0, len(task_ids), batch_size):
         seq_index = torch.arange(i, min(i + batch_size, len(task_ids)), device=task_ids.device)
+        kept = None if identity_labels is None else identity_labels[seq_index]
         yield seq_index, *data.task_sequences(x_all, y_all, task_ids[seq_index], seq_len=seq_len,
-                                              seq_index=seq_index, seed=EVAL_SEED)
+                                              seq_index=seq_index, seed=EVAL_SEED,
+                                              identity_labels=kept)
 
 
 def learner_predict(model, x, y, ctx=None):
@@ -267,11 +275,12 @@ def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=True):
     was_training = model.training
     model.eval()
     out = {}
-    for name, (x_all, y_all, task_ids) in sets.items():
+    for name, (x_all, y_all, task_ids, *identity_labels) in sets.items():
         runs = {b: (predict, first_per_task(task_ids, k))                 # (N,) bool each
                 for b, (predict, k) in baselines.items()}
         correct = correct_predictions(model, x_all, y_all, task_ids, seq_len=seq_len,
-                                      batch_size=batch_size, ctx=ctx, runs=runs)
+                                      batch_size=batch_size, ctx=ctx, runs=runs,
+                                      identity_labels=(identity_labels or [None])[0])
         out[name] = summarize(correct.pop("learner"), task_ids)
         if baselines:
             out[name]["baselines"] = {b: summarize(c, task_ids[runs[b][1]])
@@ -280,7 +289,8 @@ def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=True):
     return out
 
 
-def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx, runs):
+def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx, runs,
+                        identity_labels=None):
     """{"learner": (N, T), baseline: (N_b, T)} bool, right or wrong at every position: each
     evaluation sequence is made once, read by the learner and passed to every baseline whose
     runs (name: (predict, (N,) bool)) include it.
@@ -296,7 +306,7 @@ def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx,
         waiting[b] = []
 
     for seq_index, x, y in eval_batches(x_all, y_all, task_ids, seq_len=seq_len,
-                                        batch_size=batch_size):
+                                        batch_size=batch_size, identity_labels=identity_labels):
         correct["learner"].append(learner_predict(model, x, y, ctx) == y)   # (b, T)
         for b, (_, keep) in runs.items():
             keep = keep[seq_index]                                        # (b,)

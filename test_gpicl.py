@@ -576,6 +576,27 @@ def test_seen_task_ids_and_summarize_with_one_training_task():
     assert gpicl.regime(res) == "task memorisation"
 
 
+def test_eval_sets_seen_tasks_keep_the_label_maps_training_gave_them():
+    # under the bias an id trained with identity labels is evaluated with them: the label of an
+    # example under seen task k is the one meta-training gave that example under task k
+    x_all, y_all = torch.randn(300, 6), torch.arange(10).repeat(30)
+    sets = gpicl.eval_sets(("d", {"test": (x_all, y_all)}), {}, num_tasks=16, eval_tasks=16,
+                           eval_seqs=2, device="cpu", bias=0.5)
+    _, _, ids, kept = sets["seen d"]
+    assert torch.equal(kept, data.keeps_identity_labels(ids, 0.5)) and 0 < kept.sum() < len(kept)
+    assert len(sets["unseen d"]) == 3                                     # unseen tasks permute
+    x, y, task_ids = data.sample_sequences(x_all, y_all, seed=0, step=3, seq_index=torch.arange(64),
+                                           seq_len=20, num_tasks=16, bias=0.5)
+    trained = {(k, tuple(r.tolist())): l for xs, ys, k in zip(x, y, task_ids.tolist())
+               for r, l in zip(xs.round(decimals=4), ys.tolist())}
+    batches = gpicl.eval_batches(*sets["seen d"][:3], seq_len=20, identity_labels=kept)
+    matches = [trained[k, r] == l
+               for si, xe, ye in batches for xs, ys, k in zip(xe, ye, ids[si].tolist())
+               for r, l in zip(map(tuple, xs.round(decimals=4).tolist()), ys.tolist())
+               if (k, r) in trained]
+    assert len(matches) > 50 and all(matches)
+
+
 def test_summarize_takes_intervals_over_tasks_not_sequences():
     # 4 tasks x 100 sequences: two tasks always right at the end, two never. Over 400
     # "independent" sequences the interval would be +-0.05; over 4 tasks it is +-0.57.

@@ -202,9 +202,10 @@ def load_data(parser, args, others):
     except (OSError, RuntimeError, ValueError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     tasks = dict(train=base["train"], lookup=load("random")["train"] if args.lookup_steps else None)
+    # the seen tasks with the label maps training gave them (with --bias-steps: the last ones)
     eval_sets = gpicl.eval_sets((args.dataset, base), other_sets, num_tasks=args.num_tasks,
                                 eval_tasks=args.eval_tasks, eval_seqs=args.eval_seqs,
-                                device=args.device)
+                                device=args.device, bias=0.0 if args.bias_steps else args.bias)
     return tasks, eval_sets
 
 
