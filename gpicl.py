@@ -46,8 +46,9 @@ def eval_sets(base, others, num_tasks, eval_tasks, eval_seqs, device, bias=0.0):
 
     A seen task is the task as meta-training drew it: under --bias F an id that training
     labelled with the identity (data.keeps_identity_labels) keeps it here (ours: the authors'
-    meta_test reports seen ids with every label map permuted and with none, mnist_projections.py,
-    L357-385 and L449, `permute_labels`; neither is what a biased id was trained on). Unseen tasks permute."""
+    meta_test reports seen ids with every label map permuted and with none, mnist_projections.py
+    L357-385 and L449, `permute_labels`; neither is what a biased id was trained on). Unseen
+    tasks permute."""
     per_seq = lambda ids: ids.repeat_interleave(eval_seqs)          # (eval_tasks * eval_seqs,)
     unseen = per_seq(data.unseen_task_ids(eval_tasks, device))
     name, splits = base
