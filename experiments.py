@@ -88,7 +88,7 @@ def transitions(scale):
     do not); from ~2^13-2^14 MNIST tasks and width >= 64 it learns-to-learn (unseen tasks
     improve, ~0.6 on MNIST, ~0.4 on FashionMNIST). cpu: the cpu recipe, 2^0, 2^2, ..., 2^16 and
     fresh tasks x Transformer width 16/64/128 (30 runs; one thread each, two at a time, a run
-    took about 15 / 23 / 40 minutes at width 16 / 64 / 128: about 6.5 hours in all).
+    trained 12-15 / 21-28 / 35-42 minutes at width 16 / 64 / 128, measured: about 6 hours).
     gpu: MNIST, 2^0..2^24 (every second power) and fresh x Transformer width 16/64/256 and MLP
     64/256/1024, 50k steps: 84 runs of ~10-15 min on an H100 (~15-20 GPU hours, estimate)."""
     if scale == "cpu":
