@@ -452,6 +452,9 @@ def figure_data(name, records):
     raise ValueError(f"unknown experiment {name!r}")
 
 
+REGIME_LETTER = {"instance memorisation": "I", "task memorisation": "T", "learning-to-learn": "L"}
+
+
 def plot(name, records, path):
     import matplotlib  # optional: only figures need it
     matplotlib.use("Agg")
@@ -469,11 +472,13 @@ def plot(name, records, path):
                 for i, line in enumerate(grid):
                     for j, v in enumerate(line):
                         if not math.isnan(v):  # a cell the sweep has not reached yet stays blank
-                            a.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                                   color="k" if v > 0.5 else "w")
+                            letter = REGIME_LETTER.get(g["regime"][i][j], "?")
+                            a.text(j, i, f"{v:.2f} {letter}", ha="center", va="center",
+                                   fontsize=7, color="k" if v > 0.5 else "w")
                 a.set_xticks(range(len(g["tasks"])), [fmt_n(n) for n in g["tasks"]], fontsize=7)
                 a.set_yticks(range(len(g["widths"])), g["widths"])
-                a.set(title=f"{m}: {key} tasks, acc@last", xlabel="number of tasks", ylabel="width")
+                a.set(title=f"{m}: {key} tasks, acc@last", ylabel="width",
+                      xlabel="number of tasks (cell: acc, regime I/T/L)")
             fig.colorbar(im, ax=row[1])
             x = range(len(g["tasks"]))
             w = max(g["widths"])
@@ -483,8 +488,7 @@ def plot(name, records, path):
                                 yerr=[0 if u is None else u for u in g["improvement_ci"][k][i]],
                                 label=k, marker="o")
             for j, rg in enumerate(g["regime"][g["widths"].index(w)]):
-                row[2].text(j, -0.12, {"instance memorisation": "I", "task memorisation": "T",
-                                       "learning-to-learn": "L"}.get(rg, "?"), ha="center", fontsize=8)
+                row[2].text(j, -0.12, REGIME_LETTER.get(rg, "?"), ha="center", fontsize=8)
             row[2].set_xticks(list(x), [fmt_n(n) for n in g["tasks"]], fontsize=7)
             row[2].set(title=f"{m} d{w}: accuracy gain, last - first", ylim=(-0.2, 1),
                        xlabel="tasks (regime: I/T instance/task memorised, L learns)")
