@@ -183,13 +183,17 @@ def get_batch(args, tasks, *, step, seq_index):
     curriculum (random images, short sequences), the rest from the real tasks."""
     lookup = step < args.lookup_steps
     x_all, y_all = tasks["lookup"] if lookup else tasks["train"]
-    biased = not args.bias_steps or step < args.bias_steps  # --bias-steps: the bias ends there
     x, y, _ = data.sample_sequences(
         x_all, y_all, seed=args.seed, step=step, seq_index=seq_index,
         seq_len=args.lookup_seq_len if lookup else args.seq_len, num_tasks=args.num_tasks,
-        bias=args.bias if biased else 0.0, batch_size=args.batch_size,
+        bias=bias_at(step, args), batch_size=args.batch_size,
         seqs_per_task=args.seqs_per_task, bias_task=args.bias_task)  # (B, T, N_x), (B, T)
     return data.make_tokens(x, y), y  # (B, T, N_x + 10), (B, T)
+
+
+def bias_at(step, args):
+    """The --bias in force at `step`: all along, or until --bias-steps if that is set."""
+    return args.bias if not args.bias_steps or step < args.bias_steps else 0.0
 
 
 def load_data(parser, args, others):
@@ -202,10 +206,10 @@ def load_data(parser, args, others):
     except (OSError, RuntimeError, ValueError) as e:
         parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
     tasks = dict(train=base["train"], lookup=load("random")["train"] if args.lookup_steps else None)
-    # the seen tasks with the label maps training gave them (with --bias-steps: the last ones)
+    # the seen tasks with the label maps training gives them at its last step
     eval_sets = gpicl.eval_sets((args.dataset, base), other_sets, num_tasks=args.num_tasks,
                                 eval_tasks=args.eval_tasks, eval_seqs=args.eval_seqs,
-                                device=args.device, bias=0.0 if args.bias_steps else args.bias)
+                                device=args.device, bias=bias_at(args.steps - 1, args))
     return tasks, eval_sets
 
 
