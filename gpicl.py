@@ -276,12 +276,12 @@ def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=True):
     was_training = model.training
     model.eval()
     out = {}
-    for name, (x_all, y_all, task_ids, *identity_labels) in sets.items():
+    for name, (x_all, y_all, task_ids, *kept) in sets.items():  # kept: the seen set's labels
         runs = {b: (predict, first_per_task(task_ids, k))                 # (N,) bool each
                 for b, (predict, k) in baselines.items()}
         correct = correct_predictions(model, x_all, y_all, task_ids, seq_len=seq_len,
                                       batch_size=batch_size, ctx=ctx, runs=runs,
-                                      identity_labels=(identity_labels or [None])[0])
+                                      identity_labels=kept[0] if kept else None)
         out[name] = summarize(correct.pop("learner"), task_ids)
         if baselines:
             out[name]["baselines"] = {b: summarize(c, task_ids[runs[b][1]])
