@@ -112,14 +112,26 @@ def state_size(scale):
     The two are decoupled: the Transformer's key size moves its state (the KV cache, 2 x layers
     x T x heads x key size) and hardly its parameters, its width the other way round; the LSTM,
     the outer-product LSTM and the fast-weight memory are widened. cpu: the cpu recipe on fresh
-    MNIST tasks; Transformers at key size 2/8/32 (width 128) and width 32 (key size 32); the
-    others on the preset's 13-minute budget (13 runs, estimate 3-4 hours on 2 cores).
-    gpu: MNIST with 2^24 tasks, the same kinds at 4 widths each, 50k steps (16 runs, ~4 GPU h)."""
+    MNIST tasks (3,000 steps of 128 sequences). Transformers of 2 layers and 4 heads:
+        width 64, key size 1 / 4 / 32:  state 1,600 / 6,400 / 51,200, parameters 80k / 86k / 144k
+        width 128, key size 8:          state 12,800, parameters 320k
+        width 32, key size 32:          state 51,200, parameters 56k
+    so that the width-32 learner has 4x the state and a sixth of the parameters of the
+    width-128 one, and the LSTM of state 1,024 has 2.4M parameters. The others on the preset's
+    13-minute budget: the LSTM at state 128 and 1,024 (width 64, 512), the outer-product LSTM at
+    272 and 1,056 (16, 32), the fast-weight memory at 576 and 4,224 (8, 16), the MLP (no state).
+    12 runs; an estimate from the transitions sweep's times (width 64: 20-28 minutes, 128: 33-42,
+    two at a time): about 2 hours on 2 cores. gpu: MNIST with 2^24 tasks, the same kinds at 4
+    widths each, 50k steps (16 runs, ~4 GPU h, an estimate)."""
     if scale == "cpu":
-        transformers = [dict(width=128, key_size=k) for k in (2, 8, 32)] + [dict(width=32, key_size=32)]
-        widths = {"lstm": [64, 256, 512], "outer_lstm": [8, 16, 32], "fwm": [8, 16], "mlp": [256]}
-        return [(dict(model="transformer", **SMALL_TRANSFORMER, **t), CPU) for t in transformers] + \
-            [(dict(model=m, width=w), CPU + CPU_OTHER_LEARNER) for m, ws in widths.items() for w in ws]
+        transformers = [dict(width=64, key_size=1), dict(width=128, key_size=8),
+                        dict(width=64, key_size=4), dict(width=32, key_size=32),
+                        dict(width=64, key_size=32)]
+        others = [("lstm", 512), ("outer_lstm", 32), ("fwm", 16), ("mlp", 256), ("lstm", 64),
+                  ("outer_lstm", 16), ("fwm", 8)]
+        extra = CPU + ["--eval-every", "1000", "--baselines", "off"]
+        return [(dict(model="transformer", **SMALL_TRANSFORMER, **t), extra) for t in transformers] + \
+            [(dict(model=m, width=w), extra + CPU_OTHER_LEARNER) for m, w in others]
     widths = {"lstm": [64, 256, 1024, 2048], "outer_lstm": [4, 8, 16, 32], "fwm": [8, 16, 32, 64]}
     extra = GPU + ["--num-tasks", str(2 ** 24)]
     return [(dict(model="transformer", width=256, key_size=k), extra) for k in (4, 8, 16, 32)] + \
@@ -137,14 +149,16 @@ def plateaus(scale):
     then generalisation). One base run (batch 128, optax's eps_root 1e-8, identity labels for
     half the task ids: PLATEAU_BASE), varied one factor at a time: the bias F, eps_root 0
     (torch's Adam's update), the batch size. A constant learning rate, so that the plateau's
-    length is not the schedule's. cpu: the cpu recipe on fresh MNIST tasks, bias 0/0.1/0.25/0.9,
-    eps_root 0, batch 32/64/256, at most 4,000 steps, stopped 300 steps after both the plateau
-    and the generalisation onset (9 runs, estimate 2-3 hours on 2 cores). gpu: MNIST 14x14 fresh
+    length is not the schedule's. cpu: the cpu recipe on fresh MNIST tasks with a Transformer 64
+    wide (it leaves the plateau near step 1,200 in the transitions sweep, at half the cost of
+    128), bias 0/0.1/0.25/0.9, eps_root 0, batch 32/64/256, at most 4,000 steps, stopped 300
+    steps after both the plateau and the generalisation onset (9 runs; an estimate: 1.5-2 hours
+    on 2 cores, from the width-64 step time of the transitions sweep, 0.45 s at batch 128). gpu: MNIST 14x14 fresh
     tasks, d256 x 4, 50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch 64/256/512."""
     if scale == "cpu":
         batches, roots, bias = [32, 64, 256], [0.0], [0.0, 0.1, 0.25, 0.9]
         extra = CPU + ["--schedule", "constant", "--steps", "4000", "--eval-every", "250",
-                       "--eval-datasets", "", "--baselines", "off", "--width", "128",
+                       "--eval-datasets", "", "--baselines", "off", "--width", "64",
                        "--n-layer", "2", "--n-head", "4"]
     else:
         batches, roots, bias = [64, 256, 512], [0.0], [0.0, 0.1, 0.25, 0.9]  # bias[0]: 0

@@ -1247,3 +1247,25 @@ def test_every_sweep_names_its_preset_and_its_layout(scale):
             configurator.apply_preset(args)
             if scale == "gpu":  # 16 task slots at batch 128 as the authors', not 128 / 32 = 4
                 assert args.seqs_per_task == 8, (name, params)
+
+
+def test_state_size_sweep_moves_state_and_parameters_apart():
+    # paper 4.2: to tell the state from the parameters, the sweep needs a pair of learners of
+    # one kind where the one with more state has fewer parameters, and learners of about one
+    # state with far apart parameter counts; built as train.py builds them
+    built = []
+    for params, flags in experiments.state_size("cpu"):
+        args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
+        configurator.apply_preset(args)
+        n_in = args.image_size ** 2 + 10
+        sizes = models.learner_sizes(args.model, n_in, args.seq_len, width=args.width,
+                                     n_layer=args.n_layer, n_head=args.n_head,
+                                     state_size=args.state_size, key_size=args.key_size)
+        m = models.build(args.model, n_in, 10, **sizes)
+        built.append((args.model, m.state_size(args.seq_len), sum(p.numel() for p in m.parameters())))
+    tf = [(s, p) for k, s, p in built if k == "transformer"]
+    assert any(s1 >= 4 * s2 and 4 * p1 <= p2 for s1, p1 in tf for s2, p2 in tf)
+    assert len({s for s, _ in tf}) >= 3                         # the state at three sizes at least
+    lstm = [(s, p) for k, s, p in built if k == "lstm"]
+    # and an LSTM with less state than a Transformer and ten times its parameters
+    assert any(s_l < s_t and p_l > 10 * p_t for s_t, p_t in tf for s_l, p_l in lstm)
