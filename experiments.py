@@ -558,12 +558,19 @@ def plot(name, records, path):
             ax[1, col].legend(fontsize=7)
     elif name == "lstm_levers":
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-        for r in d:
-            line, = ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, label=r["id"])
-            ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=line.get_color(), lw=1)
+        for r in d:  # the LSTM solid, the outer-product LSTM dashed; the lever names the run
+            ls = "--" if r["id"].startswith("model=outer_lstm") else "-"
+            lever = ",".join(kv for kv in r["id"].split(",")
+                             if kv.split("=")[0] not in ("model", "width", "state_size")) or "base"
+            line, = ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, ls=ls,
+                               label=f"{r['id'].split(',')[0][6:]} {lever}")
+            ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=line.get_color(), lw=1, ls=ls)
+        ax[0].axhline(PLATEAU_LOSS, color="k", lw=0.5)
         ax[0].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
-        ax[0].set(title="training loss", xlabel="step", ylim=(0, 2.6))
-        ax[0].legend(fontsize=6)
+        ax[0].set(title="training loss (solid: ln 10; dotted: the plateau's end)", xlabel="step",
+                  ylim=(min([PLATEAU_LOSS - 0.3] + [l for r in d for _, l in r["loss_curve"]]),
+                        PLATEAU_LOSS + 0.1))                 # zoomed on the plateau unless left
+        ax[0].legend(fontsize=6, ncol=2)
         ax[1].axhline(CHANCE, color="k", lw=0.5, ls=":")
         ax[1].set(title="unseen tasks, the last evaluation", xlabel="examples seen",
                   ylabel="accuracy", ylim=(0, 1))
