@@ -425,7 +425,7 @@ def figure_data(name, records):
         return out
     if name == "state_size":
         return [dict(model=r["params"]["model"], width=r["params"]["width"],
-                     state_size=r["summary"]["state_size"], parameters=r["summary"]["parameters"],
+                     key_size=r["params"].get("key_size"), state_size=r["summary"]["state_size"], parameters=r["summary"]["parameters"],
                      unseen=r["summary"]["results"][f"unseen {base}"]["last"],
                      unseen_ci=r["summary"]["results"][f"unseen {base}"]["last_ci"],
                      other={o: r["summary"]["results"][f"unseen {o}"]["last"] for o in others})
@@ -516,10 +516,13 @@ def plot(name, records, path):
         for m in sorted({p["model"] for p in d}):
             ps = sorted([p for p in d if p["model"] == m], key=lambda p: p["state_size"])
             for a, key in zip(ax, ("state_size", "parameters")):
+                ps = sorted(ps, key=lambda p: p[key])  # a line only where it is one: by state
                 a.errorbar([max(p[key], 1) for p in ps], [p["unseen"] for p in ps],
-                           yerr=[p["unseen_ci"] for p in ps], marker="o", label=m)
-                for p in ps:  # the width next to each point
-                    a.annotate(f"w{p['width']}", (max(p[key], 1), p["unseen"]), fontsize=7,
+                           yerr=[p["unseen_ci"] for p in ps], marker="o", label=m,
+                           ls="-" if key == "state_size" else "none", capsize=2)
+                for p in ps:  # the width (and key size) next to each point
+                    tag = f"w{p['width']}" + (f" k{p['key_size']}" if p.get("key_size") else "")
+                    a.annotate(tag, (max(p[key], 1), p["unseen"]), fontsize=7,
                                xytext=(4, 4), textcoords="offset points")
         for a, key in zip(ax, ("state size (floats)", "parameter count")):
             a.set(xscale="log", xlabel=key, ylabel="accuracy @ last position",
