@@ -1135,7 +1135,9 @@ def test_lstm_levers_table_reads_each_run_against_the_base():
     assert len(set(ids)) == len(ids) >= 6                   # at least six settings, each its own
     for params, flags in runs:                               # one lever at a time, on one base
         args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
-        assert args.steps == 2000 and not args.time_budget and args.baselines == "off"
+        configurator.apply_preset(args)              # as train.py: the preset fills the rest
+        assert args.steps == 2000 and args.baselines == "off"
+        assert args.time_budget > 2000 * 10, params  # no run stops on the clock (10 s a step)
         lever = {k: v for k, v in params.items() if k not in ("model", "state_size", "width")}
         assert len(lever) <= 2 and (args.lr == 1e-3 or lever == dict(lr=3e-3)), params
     recs = [record(dict(model="lstm", state_size=1024), None, unseen_last=0.1),
