@@ -118,7 +118,9 @@ def state_size(scale):
         width 32, key size 32:          state 51,200, parameters 56k
     so that the width-32 learner has 4x the state and a sixth of the parameters of the
     width-128 one, and the LSTM of state 1,024 has 2.4M parameters. The others on the preset's
-    13-minute budget: the LSTM at state 128 and 1,024 (width 64, 512), the outer-product LSTM at
+    13-minute budget (so their training is not equal: at one thread the LSTM of state 1,024
+    gets ~670 steps of batch 64 in it, the outer-product LSTM ~4,600, the Transformers 3,000 of
+    batch 128; a learner at chance here may only be slow): the LSTM at state 128 and 1,024 (width 64, 512), the outer-product LSTM at
     272 and 1,056 (16, 32), the fast-weight memory at 576 and 4,224 (8, 16), the MLP (no state).
     12 runs; an estimate from the transitions sweep's times (width 64: 20-28 minutes, 128: 33-42,
     two at a time): about 2 hours on 2 cores. gpu: MNIST with 2^24 tasks, the same kinds at 4
@@ -201,9 +203,10 @@ def lstm_levers(scale):
     state: the LSTM (state 1,024) and the outer-product LSTM (state 1,056 from a 32-wide cell),
     so that a difference between them is the cell's structure, not its state size. Steps, not
     a time budget, so that runs two at a time get the same training. Measured alone on one
-    thread: the LSTM 1.1 s a step (2,000 steps: ~40 minutes), the outer-product LSTM 0.15 s
-    (~5 minutes); the cheap runs go first, and batch 128 (twice the cost) last in each
-    (14 runs, about 3 hours two at a time, an estimate from those step times). The record's
+    thread: the LSTM 1.1 s a step (2,000 steps: ~40 minutes; 1.2 s beside another run; the
+    cpu preset's 0.41 s is on two threads, alone), the outer-product LSTM 0.15 s (~5 minutes);
+    the cheap runs go first, and batch 128 (twice the cost: ~80 minutes for the LSTM) last in
+    each (14 runs, about 4 hours two at a time, an estimate from those step times). The record's
     table: the plateau's end, the loss at the end, unseen accuracy at the first and the last
     example. gpu: the same levers on the gpu scale's recipe, 50k steps (an estimate: ~1 GPU
     hour a run)."""
@@ -215,7 +218,8 @@ def lstm_levers(scale):
         ["--lr", "1e-3", "--warmup", "0", "--schedule", "constant", "--baselines", "off"]
     outer, lstm = dict(model="outer_lstm", width=32), dict(model="lstm", state_size=1024)
     levers = [{}, dict(lr=3e-3), dict(bias=0.9), dict(lookup_steps=500, lookup_seq_len=20),
-              dict(bias=0.9, bias_steps=1000), dict(grad_clip=1.0), dict(batch_size=128)]
+              dict(bias=0.9, bias_steps=1000), dict(grad_clip=1.0),
+              dict(batch_size=128 if scale == "cpu" else 256)]          # twice the base's batch
     return [(dict(learner, **lever), extra) for learner in (outer, lstm) for lever in levers]
 
 
@@ -517,10 +521,12 @@ def plot(name, records, path):
             row[2].legend(fontsize=7)
     elif name == "state_size":
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        for m in sorted({p["model"] for p in d}):
-            ps = sorted([p for p in d if p["model"] == m], key=lambda p: p["state_size"])
+        # a series is one kind of learner widened, or a Transformer at one width over key sizes;
+        # against the state a line joins it, against the parameters it is points only
+        series = lambda p: p["model"] + (f" w{p['width']}" if p.get("key_size") else "")
+        for m in sorted({series(p) for p in d}):
             for a, key in zip(ax, ("state_size", "parameters")):
-                ps = sorted(ps, key=lambda p: p[key])  # a line only where it is one: by state
+                ps = sorted([p for p in d if series(p) == m], key=lambda p: p[key])
                 a.errorbar([max(p[key], 1) for p in ps], [p["unseen"] for p in ps],
                            yerr=[p["unseen_ci"] for p in ps], marker="o", label=m,
                            ls="-" if key == "state_size" else "none", capsize=2)
@@ -565,16 +571,17 @@ def plot(name, records, path):
             ax[1, col].legend(fontsize=7)
     elif name == "lstm_levers":
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-        for r in d:  # the LSTM solid, the outer-product LSTM dashed; the lever names the run
-            ls = "--" if r["id"].startswith("model=outer_lstm") else "-"
-            lever = ",".join(kv for kv in r["id"].split(",")
-                             if kv.split("=")[0] not in ("model", "width", "state_size")) or "base"
-            line, = ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, ls=ls,
-                               label=f"{r['id'].split(',')[0][6:]} {lever}")
-            ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=line.get_color(), lw=1, ls=ls)
+        lever_of = lambda r: ",".join(kv for kv in r["id"].split(",") if kv.split("=")[0]
+                                      not in ("model", "width", "state_size")) or "base"
+        colour = {l: f"C{i}" for i, l in enumerate(dict.fromkeys(map(lever_of, d)))}
+        for r in d:  # a colour per lever; the LSTM solid, the outer-product LSTM dashed
+            ls, c = "--" if r["id"].startswith("model=outer_lstm") else "-", colour[lever_of(r)]
+            ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, ls=ls, color=c,
+                       label=f"{r['id'].split(',')[0][6:]} {lever_of(r)}")
+            ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=c, lw=1, ls=ls)
         ax[0].axhline(PLATEAU_LOSS, color="k", lw=0.5)
         ax[0].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
-        ax[0].set(title="training loss (solid: ln 10; dotted: the plateau's end)", xlabel="step",
+        ax[0].set(title="training loss (black: ln 10; dotted: the plateau's end)", xlabel="step",
                   ylim=(min([PLATEAU_LOSS - 0.3] + [l for r in d for _, l in r["loss_curve"]]),
                         PLATEAU_LOSS + 0.1))                 # zoomed on the plateau unless left
         ax[0].legend(fontsize=6, ncol=2)

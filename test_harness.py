@@ -1129,17 +1129,27 @@ def test_plateau_figure_data_fits_the_power_law():
     assert d["bias"]["onset"] == [1400, 2000]
 
 
-def test_lstm_levers_table_reads_each_run_against_the_base():
-    runs = experiments.lstm_levers("cpu")
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_lstm_levers_table_reads_each_run_against_the_base(scale):
+    runs = experiments.lstm_levers(scale)
     ids = [experiments.run_id(p) for p, _ in runs]
     assert len(set(ids)) == len(ids) >= 6                   # at least six settings, each its own
-    for params, flags in runs:                               # one lever at a time, on one base
+    learner_keys = ("model", "state_size", "width")
+
+    def parsed(params, flags):                               # as train.py: the preset fills the rest
         args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
-        configurator.apply_preset(args)              # as train.py: the preset fills the rest
-        assert args.steps == 2000 and args.baselines == "off"
-        assert args.time_budget > 2000 * 10, params  # no run stops on the clock (10 s a step)
-        lever = {k: v for k, v in params.items() if k not in ("model", "state_size", "width")}
-        assert len(lever) <= 2 and (args.lr == 1e-3 or lever == dict(lr=3e-3)), params
+        configurator.apply_preset(args)
+        return vars(args)
+    bases = {p["model"]: parsed(p, f) for p, f in runs if set(p) <= set(learner_keys)}
+    assert set(bases) == {"lstm", "outer_lstm"}
+    for params, flags in runs:                               # one lever at a time, on one base
+        lever = {k for k in params if k not in learner_keys}
+        args = parsed(params, flags)
+        changed = {k for k, v in args.items() if v != bases[params["model"]][k]}
+        assert changed <= lever and (changed or not lever), params  # the lever moves, nothing else
+        if scale == "cpu":
+            assert args["steps"] == 2000 and args["baselines"] == "off"
+            assert args["time_budget"] > 2000 * 10, params   # no run stops on the clock
     recs = [record(dict(model="lstm", state_size=1024), None, unseen_last=0.1),
             record(dict(model="lstm", state_size=1024, lr=3e-3), 600, unseen_last=0.3)]
     rows = experiments.figure_data("lstm_levers", recs)
@@ -1264,7 +1274,7 @@ def test_state_size_sweep_moves_state_and_parameters_apart():
                                      n_layer=args.n_layer, n_head=args.n_head,
                                      state_size=args.state_size, key_size=args.key_size)
         m = models.build(args.model, n_in, 10, **sizes)
-        built.append((args.model, m.state_size(args.seq_len), sum(p.numel() for p in m.parameters())))
+        built.append((args.model, m.state_size(args.seq_len), models.num_params(m)))
     tf = [(s, p) for k, s, p in built if k == "transformer"]
     assert any(s1 >= 4 * s2 and 4 * p1 <= p2 for s1, p1 in tf for s2, p2 in tf)
     assert len({s for s, _ in tf}) >= 3                         # the state at three sizes at least
