@@ -224,9 +224,19 @@ def test_presets_fill_what_no_flag_gives_and_flags_win():
     configurator.apply_preset(args)
     assert (args.image_size, args.steps, args.width) == (9, 5, 3)      # a flag given wins
     assert args.batch_size == configurator.PRESETS["paper"]["batch_size"]   # the rest: the preset
-    args = parse("--preset", "cpu", "--model", "lstm")           # sizes are the Transformer's
+    args = parse("--preset", "cpu", "--model", "outer_lstm")     # sizes are the Transformer's
     configurator.apply_preset(args)
     assert args.width is None and args.n_head is None and args.batch_size is not None
+    # the cpu preset's LSTM is 64 wide, unless a width or a state size is asked for
+    widths = {}
+    for extra in ((), ("--width", "128"), ("--state-size", "1024")):
+        args = parse("--preset", "cpu", "--model", "lstm", *extra)
+        configurator.apply_preset(args)
+        widths[extra] = args.width
+    assert list(widths.values()) == [64, 128, None]
+    args = parse("--preset", "paper", "--model", "lstm")
+    configurator.apply_preset(args)
+    assert args.width is None                                    # the paper preset: its own
     args = parse("--preset", "cpu", "--state-size", "3200")       # the state picks the key size
     configurator.apply_preset(args)
     assert args.key_size is None and args.width is not None
