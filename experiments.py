@@ -120,8 +120,9 @@ def state_size(scale):
     width-128 one, and the LSTM of state 1,024 has 2.4M parameters. The others on the preset's
     13-minute budget (so their training is not equal: at one thread the LSTM of state 1,024
     gets ~670 steps of batch 64 in it, the outer-product LSTM ~4,600, the Transformers 3,000 of
-    batch 128; a learner at chance here may only be slow): the LSTM at state 128 and 1,024 (width 64, 512), the outer-product LSTM at
-    272 and 1,056 (16, 32), the fast-weight memory at 576 and 4,224 (8, 16), the MLP (no state).
+    batch 128; a learner at chance here may only be slow): the LSTM at state 128 and 1,024
+    (width 64, 512), the outer-product LSTM at 272 and 1,056 (16, 32), the fast-weight memory
+    at 576 and 4,224 (8, 16), the MLP (no state).
     12 runs; an estimate from the transitions sweep's times (width 64: 20-28 minutes, 128: 33-42,
     two at a time): about 2 hours on 2 cores. gpu: MNIST with 2^24 tasks, the same kinds at 4
     widths each, 50k steps (16 runs, ~4 GPU h, an estimate)."""
@@ -155,8 +156,9 @@ def plateaus(scale):
     wide (it leaves the plateau near step 1,200 in the transitions sweep, at half the cost of
     128), bias 0/0.1/0.25/0.9, eps_root 0, batch 32/64/256, at most 4,000 steps, stopped 300
     steps after both the plateau and the generalisation onset (9 runs; an estimate: 1.5-2 hours
-    on 2 cores, from the width-64 step time of the transitions sweep, 0.45 s at batch 128). gpu: MNIST 14x14 fresh
-    tasks, d256 x 4, 50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch 64/256/512."""
+    on 2 cores, from the width-64 step time of the transitions sweep, 0.45 s at batch 128).
+    gpu: MNIST 14x14 fresh tasks, d256 x 4, 50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch
+    64/256/512."""
     if scale == "cpu":
         batches, roots, bias = [32, 64, 256], [0.0], [0.0, 0.1, 0.25, 0.9]
         extra = CPU + ["--schedule", "constant", "--steps", "4000", "--eval-every", "250",
@@ -222,6 +224,8 @@ def lstm_levers(scale):
               dict(batch_size=128 if scale == "cpu" else 256)]          # twice the base's batch
     return [(dict(learner, **lever), extra) for learner in (outer, lstm) for lever in levers]
 
+
+LEARNER_KEYS = ("model", "width", "state_size")  # in a lever run's params, what is not the lever
 
 # longest first
 EXPERIMENTS = {f.__name__: f for f in (learning_curves, plateaus, transitions, state_size,
@@ -433,7 +437,8 @@ def figure_data(name, records):
         return out
     if name == "state_size":
         return [dict(model=r["params"]["model"], width=r["params"]["width"],
-                     key_size=r["params"].get("key_size"), state_size=r["summary"]["state_size"], parameters=r["summary"]["parameters"],
+                     key_size=r["params"].get("key_size"), state_size=r["summary"]["state_size"],
+                     parameters=r["summary"]["parameters"],
                      unseen=r["summary"]["results"][f"unseen {base}"]["last"],
                      unseen_ci=r["summary"]["results"][f"unseen {base}"]["last_ci"],
                      other={o: r["summary"]["results"][f"unseen {o}"]["last"] for o in others})
@@ -458,7 +463,9 @@ def figure_data(name, records):
         return out
     if name == "lstm_levers":
         key = f"unseen {base}"
-        return [dict(id=r["id"], steps=r["summary"]["step"], loss=r["loss"][-1][1],
+        lever = lambda p: ",".join(f"{k}={v}" for k, v in p.items() if k not in LEARNER_KEYS)
+        return [dict(id=r["id"], learner=r["params"]["model"], lever=lever(r["params"]) or "base",
+                     steps=r["summary"]["step"], loss=r["loss"][-1][1],
                      plateau=plateau_length(r["loss"]), first=r["final"][key]["first"],
                      last=r["final"][key]["last"], last_ci=r["final"][key]["last_ci"],
                      curve=r["final"][key]["curve"], loss_curve=r["loss"]) for r in records]
@@ -571,13 +578,11 @@ def plot(name, records, path):
             ax[1, col].legend(fontsize=7)
     elif name == "lstm_levers":
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-        lever_of = lambda r: ",".join(kv for kv in r["id"].split(",") if kv.split("=")[0]
-                                      not in ("model", "width", "state_size")) or "base"
-        colour = {l: f"C{i}" for i, l in enumerate(dict.fromkeys(map(lever_of, d)))}
+        colour = {l: f"C{i}" for i, l in enumerate(dict.fromkeys(r["lever"] for r in d))}
         for r in d:  # a colour per lever; the LSTM solid, the outer-product LSTM dashed
-            ls, c = "--" if r["id"].startswith("model=outer_lstm") else "-", colour[lever_of(r)]
+            ls, c = "--" if r["learner"] == "outer_lstm" else "-", colour[r["lever"]]
             ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, ls=ls, color=c,
-                       label=f"{r['id'].split(',')[0][6:]} {lever_of(r)}")
+                       label=f"{r['learner']} {r['lever']}")
             ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=c, lw=1, ls=ls)
         ax[0].axhline(PLATEAU_LOSS, color="k", lw=0.5)
         ax[0].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")

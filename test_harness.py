@@ -1144,7 +1144,7 @@ def test_lstm_levers_table_reads_each_run_against_the_base(scale):
     runs = experiments.lstm_levers(scale)
     ids = [experiments.run_id(p) for p, _ in runs]
     assert len(set(ids)) == len(ids) >= 6                   # at least six settings, each its own
-    learner_keys = ("model", "state_size", "width")
+    learner_keys = experiments.LEARNER_KEYS
 
     def parsed(params, flags):                               # as train.py: the preset fills the rest
         args = configurator.get_parser().parse_args(flags + experiments.flags_of(params))
@@ -1165,6 +1165,7 @@ def test_lstm_levers_table_reads_each_run_against_the_base(scale):
     rows = experiments.figure_data("lstm_levers", recs)
     assert [r["plateau"] for r in rows] == [None, 600]       # never leaves it; leaves at 600
     assert [r["last"] for r in rows] == [0.1, 0.3] and rows[1]["first"] == 0.1
+    assert [(r["learner"], r["lever"]) for r in rows] == [("lstm", "base"), ("lstm", "lr=0.003")]
 
 
 def test_transition_figure_data_is_a_grid():
