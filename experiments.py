@@ -454,6 +454,10 @@ def figure_data(name, records):
                             plateau=[plateau_length(r["loss"]) for r in rs],
                             onset=[generalisation_onset(r) for r in rs],
                             steps=[r["summary"]["step"] for r in rs], loss=[r["loss"] for r in rs])
+            # sequences seen before the plateau ends: a bigger batch needs fewer steps, not
+            # necessarily fewer sequences
+            out[var]["sequences"] = [p and p * r["params"]["batch_size"]
+                                     for p, r in zip(out[var]["plateau"], rs)]
         bs = out["batch_size"]
         pts = [(math.log(b), math.log(p)) for b, p in zip(bs["values"], bs["plateau"]) if p]
         if len(pts) >= 2:  # least-squares slope of log plateau on log batch: the power law's exponent
@@ -552,7 +556,9 @@ def plot(name, records, path):
             for v, loss in zip(g["values"], g["loss"]):
                 ax[0, col].plot([s for s, _ in loss], [l for _, l in loss], lw=0.8, label=f"{var}={v}")
             ax[0, col].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
-            ax[0, col].set(title=f"training loss, varying {var}", xlabel="step", ylim=(0, 2.6))
+            low = min([PLATEAU_LOSS - 0.5] + [l for loss in g["loss"] for _, l in loss])
+            ax[0, col].set(title=f"training loss, varying {var}", xlabel="step",
+                           ylim=(low - 0.05, PLATEAU_LOSS + 0.3))
             ax[0, col].legend(fontsize=7)
             categorical = var != "batch_size"  # bias and eps_root include 0: no log axis
             xs = list(range(len(g["values"]))) if categorical else g["values"]
@@ -566,7 +572,13 @@ def plot(name, records, path):
             ax[1, col].set(xlabel=var, ylabel="step", title=f"plateau length vs {var}" +
                            (f" (slope {g['exponent']:.2f})" if g.get("exponent") is not None else ""))
             if not categorical:
+                for x, p, n in zip(xs, g["plateau"], g["sequences"]):
+                    if p:
+                        ax[1, col].annotate(f"{n / 1000:.0f}k sequences", (x, p), fontsize=7,
+                                            xytext=(0, 7), textcoords="offset points",
+                                            ha="center")
                 ax[1, col].set(xscale="log", yscale="log")
+                ax[1, col].margins(x=0.15, y=0.1)
                 ax[1, col].minorticks_off()
                 lo, hi = ax[1, col].get_ylim()
                 ticks = [t for t in (m * 10 ** k for k in range(2, 6) for m in (1, 2, 3, 5, 7))

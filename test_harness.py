@@ -1137,6 +1137,9 @@ def test_plateau_figure_data_fits_the_power_law():
     assert d["adam_eps_root"]["values"] == [0.0, 1e-8] and d["adam_eps_root"]["plateau"][0] is None
     assert d["bias"]["values"] == [0.25, 0.5] and d["bias"]["plateau"] == [200, 700]
     assert d["bias"]["onset"] == [1400, 2000]
+    assert d["batch_size"]["sequences"] == [p * b for p, b in zip(d["batch_size"]["plateau"],
+                                                                   (32, 128, 512))]
+    assert d["adam_eps_root"]["sequences"][0] is None       # censored: no plateau end, no count
 
 
 @pytest.mark.parametrize("scale", ["cpu", "gpu"])
