@@ -123,8 +123,8 @@ def state_size(scale):
     batch 128; a learner at chance here may only be slow): the LSTM at state 128 and 1,024
     (width 64, 512), the outer-product LSTM at 272 and 1,056 (16, 32), the fast-weight memory
     at 576 and 4,224 (8, 16), the MLP (no state).
-    12 runs; an estimate from the transitions sweep's times (width 64: 20-28 minutes, 128: 33-42,
-    two at a time): about 2 hours on 2 cores. gpu: MNIST with 2^24 tasks, the same kinds at 4
+    12 runs; measured: their training times sum to 164 minutes (9-27 minutes a run, one thread
+    each), about 1.5 hours two at a time on 2 cores. gpu: MNIST with 2^24 tasks, the same kinds at 4
     widths each, 50k steps (16 runs, ~4 GPU h, an estimate)."""
     if scale == "cpu":
         transformers = [dict(width=64, key_size=1), dict(width=128, key_size=8),
