@@ -124,8 +124,8 @@ def state_size(scale):
     (width 64, 512), the outer-product LSTM at 272 and 1,056 (16, 32), the fast-weight memory
     at 576 and 4,224 (8, 16), the MLP (no state).
     12 runs; measured: their training times sum to 164 minutes (9-27 minutes a run, one thread
-    each), about 1.5 hours two at a time on 2 cores. gpu: MNIST with 2^24 tasks, the same kinds at 4
-    widths each, 50k steps (16 runs, ~4 GPU h, an estimate)."""
+    each), about 1.5 hours two at a time on 2 cores. gpu: MNIST with 2^24 tasks, the same
+    kinds at 4 widths each, 50k steps (16 runs, ~4 GPU h, an estimate)."""
     if scale == "cpu":
         transformers = [dict(width=64, key_size=1), dict(width=128, key_size=8),
                         dict(width=64, key_size=4), dict(width=32, key_size=32),
