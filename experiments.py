@@ -19,8 +19,9 @@ run is continued with --resume, so a sweep is resumable by just running the comm
 Scales. `cpu`: the cpu preset's recipe, the one that learns MNIST in context on 2 cores (7x7
 MNIST, sequences of 100, fresh tasks unless swept, a 2-layer Transformer 128 wide unless swept,
 batch 128, lr 2e-3 after 100 warm-up steps, 3,000 steps), one thread per run, two runs at a
-time (--jobs 2). A Transformer run is about 13 minutes alone on 2 threads (measured: the cpu
-preset, NOTEBOOK.md); with one thread each and two at a time, estimate 20-25 minutes per run.
+time (--jobs 2). A Transformer run of 3,000 steps is about 13 minutes alone on 2 threads; with
+one thread each and two at a time it trained 12-15 minutes at width 16, 15-28 at width 64 and
+27-42 at width 128 (measured: train_time_s in the results/ records).
 The other learners get the preset's budget instead of steps (batch 64, 13 minutes each). Every
 run's record lists every flag it used (summary.json's "flags"). `gpu`: the authors' code
 defaults where known, ours elsewhere (MNIST 14x14, sequences of 100, meta-batch 128 in 16 task
