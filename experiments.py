@@ -21,7 +21,7 @@ MNIST, sequences of 100, fresh tasks unless swept, a 2-layer Transformer 128 wid
 batch 128, lr 2e-3 after 100 warm-up steps, 3,000 steps), one thread per run, two runs at a
 time (--jobs 2). A Transformer run of 3,000 steps is about 13 minutes alone on 2 threads; with
 one thread each and two at a time it trained 9-15 minutes at width 16, 15-28 at width 64 and
-27-42 at width 128 (measured: train_time_s in the results/ records).
+27-42 at width 128 (measured: train_time_s in every sweep's results/ records).
 The other learners get the preset's budget instead of steps (batch 64, 13 minutes each). Every
 run's record lists every flag it used (summary.json's "flags"). `gpu`: the authors' code
 defaults where known, ours elsewhere (MNIST 14x14, sequences of 100, meta-batch 128 in 16 task
@@ -89,7 +89,8 @@ def transitions(scale):
     do not); from ~2^13-2^14 MNIST tasks and width >= 64 it learns-to-learn (unseen tasks
     improve, ~0.6 on MNIST, ~0.4 on FashionMNIST). cpu: the cpu recipe, 2^0, 2^2, ..., 2^16 and
     fresh tasks x Transformer width 16/64/128 (30 runs; one thread each, two at a time, a run
-    trained 9-15 / 16-28 / 32-42 minutes at width 16 / 64 / 128, measured: about 6 hours).
+    trained 9-15 / 16-28 / 32-42 minutes at width 16 / 64 / 128, measured: 27 runs took 9.6
+    hours of training, about 5 hours two at a time).
     gpu: MNIST, 2^0..2^24 (every second power) and fresh x Transformer width 16/64/256 and MLP
     64/256/1024, 50k steps: 84 runs of ~10-15 min on an H100 (~15-20 GPU hours, estimate)."""
     if scale == "cpu":
