@@ -494,6 +494,12 @@ def figure_data(name, records):
 REGIME_LETTER = {"instance memorisation": "I", "task memorisation": "T", "learning-to-learn": "L"}
 
 
+def legend(a, **kw):
+    """a.legend(), unless nothing on the axes is labelled (a sweep not yet run in that panel)"""
+    if a.get_legend_handles_labels()[0]:
+        a.legend(**kw)
+
+
 def plot(name, records, path):
     import matplotlib  # optional: only figures need it
     matplotlib.use("Agg")
@@ -562,7 +568,7 @@ def plot(name, records, path):
             low = min([PLATEAU_LOSS - 0.5] + [l for loss in g["loss"] for _, l in loss])
             ax[0, col].set(title=f"training loss, varying {var}", xlabel="step",
                            ylim=(low - 0.05, PLATEAU_LOSS + 0.3))
-            ax[0, col].legend(fontsize=7)
+            legend(ax[0, col], fontsize=7)
             categorical = var != "batch_size"  # bias and eps_root include 0: no log axis
             xs = list(range(len(g["values"]))) if categorical else g["values"]
             for key, mk, c in (("plateau", "o", "C0"), ("onset", "s", "C1")):
@@ -590,7 +596,7 @@ def plot(name, records, path):
                 ax[1, col].set_xticks(xs, [str(v) for v in xs])
             else:
                 ax[1, col].set_xticks(xs, g["values"])
-            ax[1, col].legend(fontsize=7)
+            legend(ax[1, col], fontsize=7)
     elif name == "lstm_levers":
         fig, ax = plt.subplots(1, 2, figsize=(12, 4))
         colour = {l: f"C{i}" for i, l in enumerate(dict.fromkeys(r["lever"] for r in d))}

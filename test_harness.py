@@ -1208,6 +1208,7 @@ def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. a legend on a panel with nothing in it
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
 def test_figures_draw(name, tmp_path):
     pytest.importorskip("matplotlib")
