@@ -89,8 +89,8 @@ def transitions(scale):
     do not); from ~2^13-2^14 MNIST tasks and width >= 64 it learns-to-learn (unseen tasks
     improve, ~0.6 on MNIST, ~0.4 on FashionMNIST). cpu: the cpu recipe, 2^0, 2^2, ..., 2^16 and
     fresh tasks x Transformer width 16/64/128 (30 runs; one thread each, two at a time, a run
-    trained 9-15 / 16-28 / 32-42 minutes at width 16 / 64 / 128, measured: 27 runs took 9.6
-    hours of training, about 5 hours two at a time).
+    trained 9-15 / 16-28 / 32-42 minutes at width 16 / 64 / 128, measured: the 30 runs took 11.1
+    hours of training, about 5.5 hours two at a time).
     gpu: MNIST, 2^0..2^24 (every second power) and fresh x Transformer width 16/64/256 and MLP
     64/256/1024, 50k steps: 84 runs of ~10-15 min on an H100 (~15-20 GPU hours, estimate)."""
     if scale == "cpu":
