@@ -76,7 +76,8 @@ CPU_LEARNER_WIDTH = {"lstm": 64}
 def apply_preset(args):
     """Fill every flag left unset (None) from the preset: paper on a GPU, cpu elsewhere."""
     if args.preset is None:
-        gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        auto_gpu = args.device == "auto" and torch.cuda.is_available()
+        gpu = args.device.startswith("cuda") or auto_gpu
         args.preset = "paper" if gpu else "cpu"
     preset = dict(PRESETS[args.preset])
     if args.model == "transformer":  # the other learners keep their own sizes
@@ -139,7 +140,8 @@ def task_flags(g):
                    help=preset_help("seqs_per_task", "sequences that share one task within a "
                                                      "meta-batch"))
     g.add_argument("--channels", type=channel_count, default=1,
-                   help="1: grayscale images; 3: grayscale tiled to RGB (the authors' channel_expand)")
+                   help="1: grayscale images; 3: grayscale tiled to RGB "
+                        "(the authors' channel_expand)")
     g.add_argument("--lookup-steps", type=nonneg_int, default=0,
                    help="curriculum: meta-train the first steps on pure in-context lookup tasks "
                         "(the Random dataset) with short sequences; shortens the plateau (README)")
@@ -206,12 +208,14 @@ def output_flags(g):
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between loss records")
     g.add_argument("--ckpt-every", type=positive_int,
                    help="steps between checkpoints (default: --eval-every)")
-    g.add_argument("--out-dir", default="runs/default", help="where the log, checkpoint and summary go")
+    g.add_argument("--out-dir", default="runs/default",
+                   help="where the log, checkpoint and summary go")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
 
 
 def system_flags(g):
-    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), or a torch device")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the learner")
     g.add_argument("--threads", type=thread_count,
@@ -230,7 +234,8 @@ def check_flags(parser, args, world):
             parser.error(f"--eval-datasets: {d!r} is not one of {', '.join(data.DATASETS)} "
                          f"other than {args.dataset}")
     if args.lookup_steps and args.lookup_seq_len > args.seq_len:
-        parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than --seq-len {args.seq_len}")
+        parser.error(f"--lookup-seq-len {args.lookup_seq_len} is longer than "
+                     f"--seq-len {args.seq_len}")
     if args.batch_size % (world * args.grad_accum):
         parser.error(f"--batch-size {args.batch_size} does not split into {world} processes x "
                      f"{args.grad_accum} accumulation steps; "
@@ -243,8 +248,9 @@ def check_flags(parser, args, world):
 
 def preset_line(args, sizes, state_size):
     """The run in one line, naming the learner actually trained:
-    'preset cpu: transformer (width 64, n_layer 2, n_head 4, key_size 32; state size 25,600 floats)
-    on 7x7 mnist, 6,000 steps of 128 sequences (--preset paper for the other; any flag overrides)'"""
+    'preset cpu: transformer (width 128, n_layer 2, n_head 4, key_size 32; state size 51,200
+    floats) on 7x7 mnist, 3,000 steps of 128 sequences (--preset paper for the other; any flag
+    overrides)'"""
     other = next(p for p in PRESETS if p != args.preset)
     shown = ", ".join(f"{k} {v}" for k, v in sizes.items() if k not in ("seq_len", "n_in", "n_out"))
     budget = f" or {args.time_budget / 60:g} minutes" if args.time_budget else ""

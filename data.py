@@ -69,7 +69,7 @@ def apply_tasks(x, y, task_ids, permute=None):
     identity = task_ids == IDENTITY_TASK                                 # (B,)
     A = task_projection(task_ids, x.shape[-1])                           # (B, N_x, N_x)
     A = torch.where(identity[:, None, None], torch.eye(x.shape[-1], device=x.device), A)
-    x = torch.bmm(x, A.transpose(1, 2))                                  # (B, T, N_x), row t is A x_t
+    x = torch.bmm(x, A.transpose(1, 2))                              # (B, T, N_x), row t is A x_t
     keep = identity if permute is None else identity | ~permute          # (B,) identity labels
     rho = task_permutation(task_ids)                                     # (B, 10)
     rho = torch.where(keep[:, None], torch.arange(NUM_CLASSES, device=rho.device), rho)
@@ -175,7 +175,7 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
         task_ids = torch.where(fixed, torch.zeros_like(task_ids), task_ids)
     permute = ~keeps_identity_labels(task_ids, bias)                                # (B,)
     idx = draw_examples(hash_key(seed, step, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
-    x, y = examples(x_all, idx, task_ids), y_all[idx]                               # (B, T, N_x), (B, T)
+    x, y = examples(x_all, idx, task_ids), y_all[idx]                    # (B, T, N_x), (B, T)
     return (*apply_tasks(x, y, task_ids, permute), task_ids)
 
 
@@ -442,7 +442,7 @@ def read_mat(path):
 
 def read_svhn(path):
     d = read_mat(path)
-    x = d["X"].transpose(3, 0, 1, 2)                                # (32, 32, 3, N) -> (N, 32, 32, 3)
+    x = d["X"].transpose(3, 0, 1, 2)                     # (32, 32, 3, N) -> (N, 32, 32, 3)
     y = d["y"].reshape(-1).astype(np.uint8) % 10                     # the digit 0 is labelled 10
     return x, y
 

@@ -217,7 +217,7 @@ class LSTM(Learner):
         haiku_init(self)
 
     def run(self, tokens):                                           # tokens (B, T, n_in)
-        h, (h_n, c_n) = self.lstm(self.encoder(tokens))             # h (B, T, w); h_n, c_n (L, B, w)
+        h, (h_n, c_n) = self.lstm(self.encoder(tokens))        # h (B, T, w); h_n, c_n (L, B, w)
         return self.head(h), [h_n, c_n]
 
     @staticmethod
@@ -387,7 +387,7 @@ class MLP(Learner):
 
 class VSML(Learner):
     defaults = dict(width=16)
-    msg, ticks = 8, 2                                                # the authors' msg_size, micro_ticks
+    msg, ticks = 8, 2                                        # the authors' msg_size, micro_ticks
 
     def __init__(self, n_in, n_out, seq_len, width=16):
         super().__init__()
@@ -401,7 +401,7 @@ class VSML(Learner):
     def run(self, tokens):                                           # tokens (B, T, N_x + 10)
         B, T, _ = tokens.shape
         n_x, n_out, msg = self.n_x, self.n_out, self.msg
-        x, y_prev = tokens[..., :n_x, None], tokens[..., n_x:, None]  # (B, T, N_x, 1), (B, T, 10, 1)
+        x, y_prev = tokens[..., :n_x, None], tokens[..., n_x:, None]  # (B,T,N_x,1), (B,T,10,1)
         h = c = tokens.new_zeros(B * n_x * n_out, self.width)
         fwd_msg = tokens.new_zeros(B, n_out, msg)                    # f_j, last step's
         bwd_msg = tokens.new_zeros(B, n_x, msg)                      # b_i, last step's
@@ -538,16 +538,16 @@ class MAML(GradientLearner):
 # -----------------------------------------------------------------------------
 # One way to build any learner, by name, by size or by state size
 
-MODELS = {"transformer": Transformer, "lstm": LSTM, "outer_lstm": OuterLSTM, "fwm": FastWeightMemory,
-          "mlp": MLP, "vsml": VSML, "sgd": SGD, "maml": MAML}
+MODELS = {"transformer": Transformer, "lstm": LSTM, "outer_lstm": OuterLSTM,
+          "fwm": FastWeightMemory, "mlp": MLP, "vsml": VSML, "sgd": SGD, "maml": MAML}
 
 
 def learner_sizes(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, state_size=None,
                   key_size=None):
     """Fill in a learner's defaults and, given state_size, the size that reaches it exactly
     (the key size for the Transformer, the width for the others). Returns the sizes: the keyword
-    arguments of the learner's constructor after n_in and n_out. A size the learner would ignore is a
-    one-line ValueError, not a silent default."""
+    arguments of the learner's constructor after n_in and n_out. A size the learner would ignore
+    is a one-line ValueError, not a silent default."""
     if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
     cls = MODELS[kind]

@@ -100,9 +100,9 @@ def meta_train(argv, guard):
     evaluation = Evaluation(args, model, eval_sets, ctx=env.ctx, guard=guard,
                             train_split=tasks["train"])
     guard.start(args, ddp=env.ddp, master=env.master, ckpt=ckpt)  # the clocks and the loss
-    stopping, out_of_time, step = meta_train_loop(args, env, guard, model=model, optimizer=optimizer,
-                                                  tasks=tasks, evaluation=evaluation, step=step,
-                                                  save=save)
+    stopping, out_of_time, step = meta_train_loop(args, env, guard, model=model,
+                                                  optimizer=optimizer, tasks=tasks,
+                                                  evaluation=evaluation, step=step, save=save)
     guard.exit_if_interrupted(stopping, step, args.steps)  # exit 130 / 143, --resume continues
     if env.master:
         finish(args, guard, evaluation, step, sizes=sizes, save=save, out_of_time=out_of_time)
@@ -200,7 +200,8 @@ def load_data(parser, args, others):
     """The base dataset's train split for meta-training (and the random images of the lookup
     curriculum), test splits for meta-testing. Loaded after every check of the flags and of the
     run to resume: a bad one costs no wait."""
-    load = lambda name: data.load_dataset(name, args.image_size, args.device, channels=args.channels)
+    load = lambda name: data.load_dataset(name, args.image_size, args.device,
+                                          channels=args.channels)
     try:
         base, other_sets = load(args.dataset), {d: load(d) for d in others}
     except (OSError, RuntimeError, ValueError) as e:
