@@ -13,8 +13,9 @@ trained on are simply ids that training can never draw (we use negative ids).
 
 The chapter: 1. tasks, 2. sequences and the tokens a learner reads, 3. base datasets and their
 preprocessing; then the machinery, 4. the counter-based random numbers everything above draws
-from; and an appendix, the datasets that are downloaded on first use. The chapter imports
-nothing else from the project (the fetch command line borrows harness.py's Parser when used).
+from; and an appendix, the datasets that are downloaded on first use, with its command line.
+The chapter imports nothing else from the project (the fetch command line borrows harness.py's
+Parser when used).
 """
 import gzip
 import hashlib
@@ -163,7 +164,8 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     all (keeps_identity_labels), its projection random: the paper's "fixed permutation for a
     fraction of each batch", drawn as the authors draw it (`permute_labels_prob` = 1 - F).
     bias_task F: the last round(F * slots) slots use the fixed task 0, projection and labels (the
-    authors' other knob, `project_prob` = 1 - F).
+    authors' other knob, `project_prob` = 1 - F; ours: a fixed count of slots where theirs is a
+    Bernoulli draw per slot, equal on average).
     Returns x (B, T, N_x) float, y (B, T) long, task_ids (B,).
     """
     slot = seq_index // seqs_per_task                                               # (B,)
@@ -193,6 +195,7 @@ def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0, identity_
     y (B, T). Sequence seq_index of the set is the same however the set is batched.
     identity_labels (B,) bool: where True the task keeps the identity labels, as a task id
     that the bias labelled so in training (keeps_identity_labels); None: every task permutes."""
+    seq_index = torch.as_tensor(seq_index, device=task_ids.device)  # an index made on the CPU
     idx = draw_examples(hash_key(seed, task_ids, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
     permute = None if identity_labels is None else ~identity_labels
     return apply_tasks(examples(x_all, idx, task_ids), y_all[idx], task_ids, permute)
@@ -300,8 +303,9 @@ def random_bits(key, n):
 
 
 def box_muller(bits):
-    """Two standard normals from each 64-bit word, one from each of its 24-bit halves:
-    (..., k) int64 -> (..., 2k), the k cosine normals then the k sine normals."""
+    """Two standard normals (r cos theta, r sin theta) from two 24-bit fields of each 64-bit
+    word (bits 40-63 and 8-31): (..., k) int64 -> (..., 2k), the k cosine normals, then the k
+    sine normals."""
     u1 = (((bits >> 40) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24     # in (0, 1), never 0
     u2 = (((bits >> 8) & 0xFFFFFF).float() + 0.5) * 2.0 ** -24
     r, theta = torch.sqrt(-2.0 * torch.log(u1)), 2.0 * torch.pi * u2
@@ -494,7 +498,7 @@ def available(name, cache_dir=None):
 
 
 # -----------------------------------------------------------------------------
-# 6. The command line: python data.py fetch NAME..., on a machine with a network
+# The appendix's command line: python data.py fetch NAME..., on a machine with a network
 
 def get_parser():
     # The project's one Parser (one line per error, exit 2) lives with the rest of the run's

@@ -145,7 +145,9 @@ def k_nearest(x_ctx, y_ctx, x_query, k=1, earlier_only=False):
     tie in the vote goes to the nearest one's label, a tie in distance to the earliest).
     x_ctx (B, J, n), y_ctx (B, J), x_query (B, Q, n) -> (B, Q). earlier_only: query t may only
     look at context examples j < t (Q = J, the per-position baseline); a query with none
-    predicts label 0."""
+    predicts label 0, and k > 1 is refused there (a query t < k would count later labels)."""
+    if earlier_only and k > 1:
+        raise ValueError("k_nearest: earlier_only takes k = 1")
     # cdist's fast |a|^2 + |b|^2 - 2ab form (3x faster than exact here) rounds, which can only
     # reorder near-ties; an example repeated earlier in the sequence is still the nearest
     dist = torch.cdist(x_query, x_ctx)                                      # (B, Q, J)
@@ -234,7 +236,8 @@ def choose_l2(x_all, y_all, seq_len, grid=L2_GRID, n_tasks=16, seqs_per_task=2):
     training split, never on an evaluation set: the one whose accuracy over the second half of
     the sequence is highest (ties: the smaller)."""
     ids = torch.arange(n_tasks, device=y_all.device).repeat_interleave(seqs_per_task)
-    x, y = data.task_sequences(x_all, y_all, ids, seq_len=seq_len, seq_index=torch.arange(len(ids)),
+    x, y = data.task_sequences(x_all, y_all, ids, seq_len=seq_len,
+                               seq_index=torch.arange(len(ids), device=ids.device),
                                seed=EVAL_SEED + 1)
     score = lambda l2: (logistic_regression(x, y, l2) == y)[:, seq_len // 2:].float().mean()
     return max(grid, key=lambda l2: (score(l2).item(), -l2))
@@ -297,7 +300,7 @@ def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx,
     runs (name: (predict, (N,) bool)) include it.
 
     A baseline's sequences wait until they fill a batch: SGD takes T steps whatever the batch,
-    so its 2 sequences per task are better run together than a few per batch."""
+    so its sequences are better run together than a few per batch."""
     correct = {who: [] for who in ["learner", *runs]}
     waiting = {b: [] for b in runs}                                       # (x, y) not yet run
 

@@ -727,6 +727,34 @@ def test_choose_l2_picks_from_the_grid_on_training_tasks():
     assert gpicl.choose_l2(x_all, y_all, seq_len=30, grid=(100.0, 1e-2), n_tasks=2) == 1e-2
 
 
+
+def test_evaluation_sequences_are_made_on_the_device_of_the_data(monkeypatch):
+    # a GPU run evaluates on the GPU: every index the evaluation makes must live beside the data.
+    # The "meta" device stands in for a GPU (no data, every shape and device checked)
+    x_all = torch.empty(300, 4, device="meta")
+    y_all = torch.empty(300, dtype=torch.long, device="meta")
+    ids = torch.arange(3, device="meta")
+    x, y = data.task_sequences(x_all, y_all, ids, 10, torch.arange(3), gpicl.EVAL_SEED)
+    assert (x.device.type, y.device.type, x.shape, y.shape) == ("meta", "meta", (3, 10, 4), (3, 10))
+    seen = []
+
+    def recording(x_all, y_all, task_ids, seq_len, seq_index, **kw):
+        seen.append({t.device.type for t in (x_all, y_all, task_ids, seq_index)})
+        raise KeyboardInterrupt                      # enough: the L2 search itself needs values
+    monkeypatch.setattr(data, "task_sequences", recording)
+    with pytest.raises(KeyboardInterrupt):
+        gpicl.choose_l2(x_all, y_all, seq_len=10)
+    assert seen == [{"meta"}]
+
+
+def test_k_nearest_refuses_more_than_one_neighbour_among_earlier_examples():
+    # at t < k there are fewer than k earlier examples: the k-th would be a later one
+    x, y = torch.randn(1, 6, 2), torch.tensor([[0, 7, 7, 7, 7, 7]])
+    with pytest.raises(ValueError, match="earlier_only"):
+        gpicl.k_nearest(x, y, x, k=3, earlier_only=True)
+    assert gpicl.k_nearest(x, y, x, k=1, earlier_only=True)[0, 1] == 0  # only label 0 is earlier
+
+
 def test_compact_keeps_accuracy_at_fixed_examples():
     s = gpicl.summarize(torch.arange(120)[None].repeat(10, 1) < torch.arange(10)[:, None] * 12)
     r = gpicl.compact({"a": dict(s, baselines={"1-NN": s})})["a"]
