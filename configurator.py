@@ -123,15 +123,15 @@ def task_flags(g):
                         "cpu elsewhere)")
     g.add_argument("--image-size", type=image_size_int,
                    help=preset_help("image_size", "images are resized to this square size; "
-                                                  "N_x = image_size^2"))
+                                                  "N_x = channels * image_size^2"))
     g.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
     g.add_argument("--num-tasks", type=num_tasks_type,
                    help=preset_help("num_tasks", "number of tasks: 65536, 2**16, or 'fresh' for "
                                                  "a new task per sequence"))
     g.add_argument("--bias", type=fraction,
-                   help=preset_help("bias", "fraction of every meta-batch's task slots that keep "
-                                    "one fixed label permutation (the identity), projections "
-                                    "random (paper 4.3)"))
+                   help=preset_help("bias", "probability that a task id keeps one fixed label "
+                                    "permutation (the identity), drawn once per id, its "
+                                    "projection random (paper 4.3)"))
     g.add_argument("--bias-steps", type=nonneg_int, default=0,
                    help="apply --bias during the first this many steps only (0: every step)")
     g.add_argument("--bias-task", type=fraction, default=0.0,
@@ -203,8 +203,8 @@ def output_flags(g):
     g.add_argument("--eval-datasets", default="uci_digits,random",
                    help="comma-separated other datasets to meta-test on (unseen tasks)")
     g.add_argument("--baselines", default="on", choices=["on", "off"],
-                   help="score 1-NN (every sequence) and SGD (2 sequences per task) on the "
-                        "evaluation sequences, beside the learner")
+                   help="score 1-NN and SGD (every sequence) and logistic regression (8 "
+                        "sequences per task) on the evaluation sequences, beside the learner")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between loss records")
     g.add_argument("--ckpt-every", type=positive_int,
                    help="steps between checkpoints (default: --eval-every)")

@@ -299,9 +299,10 @@ class OuterLSTM(Learner):
 #     r1, r2 = tanh(W_r h_t),  read = M (r1 (x) r2)                     (B, m)
 #     logits_t = W_out (h_t + W_p LN(read))
 #
-# The delta rule replaces the value stored under k (M k) by v, by a fraction beta, instead of
-# adding v on top of it. width m: a memory of m x m^2 fast weights beside an LSTM of 4m units
-# (the authors' memory_size 16 and slow_size 64).
+# The delta rule moves the value stored under k (M k) towards v, by a fraction beta |k|^2 (the
+# keys are not normalised, as in the authors' code), instead of adding v on top of it. width m:
+# a memory of m x m^2 fast weights beside an LSTM of 4m units (the authors' memory_size 16 and
+# slow_size 64).
 
 class FastWeightMemory(Learner):
     defaults = dict(width=16)

@@ -224,7 +224,7 @@ class Adam(torch.optim.Optimizer):
         update = lr * m_hat / (sqrt(v_hat + eps_root) + eps),   m_hat, v_hat bias-corrected
 
     torch.optim.Adam has no eps_root. With it, a parameter whose gradients are all tiny (as on
-    a loss plateau) takes steps ~ g / sqrt(eps_root) instead of ~ lr: it damps them. (The sgd
+    a loss plateau) takes steps ~ lr g / sqrt(eps_root) instead of ~ lr: it damps them. (The sgd
     and maml learners take the same step inside each sequence, out of place: models.adam_step.)"""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, eps_root=1e-8):
