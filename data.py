@@ -1,8 +1,8 @@
 """
 Base datasets and task augmentation (paper section 2, Figure 1a).
 
-"We generate a large number of tasks by taking an existing supervised learning dataset and
-randomly projecting the inputs and permuting the classification labels."
+The paper's task augmentation, paraphrased: many tasks are made from one existing supervised
+dataset by randomly projecting its inputs and permuting its classification labels.
 
     task id  ->  A in R^{N_x x N_x}, A_ij ~ N(0, 1/N_x),  and  rho, a permutation of the 10 labels
     D_task   =  {(A x_i, rho(y_i))}

@@ -2,9 +2,9 @@
 Meta-testing a general-purpose in-context learner (paper sections 2 and 4): evaluation.
 
 A learner reads a sequence of examples from one task (data.make_tokens) and predicts each label
-before it sees it; train.py meta-trains it on the cross-entropy at every position. "After
-meta-training, the learner is able to learn new tasks in-context, without any gradient step":
-its accuracy on tasks it never saw rises along the sequence as it reads more examples.
+before it sees it; train.py meta-trains it on the cross-entropy at every position. After
+meta-training the learner learns new tasks in context, without a gradient step (the paper's
+claim): its accuracy on tasks it never saw rises along the sequence as it reads more examples.
 `evaluate` measures exactly that, per position, on seen tasks, unseen tasks and unseen tasks of
 other datasets, beside 1-NN, logistic regression and SGD scored on the very same sequences (so
 a curve can be read against learners that need no meta-training), and `regime` names which of

@@ -1,8 +1,9 @@
 """
 The learners (paper sections 2 and 4.2).
 
-"We meta-train a black-box sequence model on the sequences ... it receives the input x_t and the
-label of the previous input y_{t-1} and predicts y_t." Every learner here has the same shape:
+In the paper's words, paraphrased: a black-box sequence model is meta-trained on the sequences;
+at step t it receives the input x_t and the label of the previous input, y_{t-1}, and predicts
+y_t. Every learner here has the same shape:
 
     model(tokens)                tokens (B, T, N_x + 10)  ->  logits (B, T, 10)
     model.state_size(seq_len)    floats that carry the past into the next prediction
@@ -10,8 +11,8 @@ label of the previous input y_{t-1} and predicts y_t." Every learner here has th
 
 and every learner is causal: the output at t depends on tokens 0..t only.
 
-"The state size of a learner is the number of floats that can carry information from one
-time step to the next" (section 4.2). For an LSTM that is h and c of every layer; for a
+The state size of a learner (section 4.2, paraphrased) is the number of floats that can carry
+information from one time step to the next. For an LSTM that is h and c of every layer; for a
 Transformer, the keys and values of every layer, head and position: the KV cache. The paper's
 finding is that in-context learning ability follows this state size, not the parameter count,
 so `--state-size S` builds a learner whose state is exactly S.
