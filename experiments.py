@@ -263,8 +263,10 @@ def subsample(points, n=1000):
 
 
 def rounded(x, digits=4):
+    """Floats to `digits` decimals, and a small one (eps_root 1e-8) to `digits` significant
+    digits, so that no flag a run used reads 0 in its record."""
     if isinstance(x, float):
-        return round(x, digits)
+        return round(x, digits) if abs(x) >= 10 ** -(digits - 1) else float(f"{x:.{digits}g}")
     if isinstance(x, dict):
         return {k: rounded(v, digits) for k, v in x.items()}
     return [rounded(v, digits) for v in x] if isinstance(x, list) else x
@@ -272,7 +274,7 @@ def rounded(x, digits=4):
 
 def collect(out_dir):
     """A finished run directory -> the parts of its record that come from train.py (floats to
-    4 decimals, so that a results file stays small)."""
+    4 decimals, so that a results file stays small: rounded)."""
     log = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
     evals = [r for r in log if "eval" in r]
     strip = lambda res: {k: {m: r[m] for m in ("first", "last", "improvement")} for k, r in res.items()}
