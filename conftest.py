@@ -43,16 +43,18 @@ def run_train(args, timeout=300, **kw):
 TRAINED = os.path.join(HERE, "checkpoints", "mnist7_demo.pt")  # the demo learner, 7x7 MNIST
 
 
-def tiny_checkpoint(path, kind="transformer", image_size=2, seq_len=10, tweak=None, **given):
+def tiny_checkpoint(path, kind="transformer", image_size=2, seq_len=10, tweak=None, channels=1,
+                    **given):
     """A train.py-format checkpoint of an untrained learner."""
-    n_x = image_size ** 2
+    n_x = channels * image_size ** 2
     sizes = models.learner_sizes(kind, n_x + 10, seq_len, **given)
     torch.manual_seed(0)
     model = models.build(kind, n_x + 10, 10, **sizes)
     if tweak:
         tweak(model)
     torch.save(dict(model=model.state_dict(), optimizer=None, step=0, elapsed=0.0,
-                    flags=dict(dataset="mnist", image_size=image_size, seq_len=seq_len),
+                    flags=dict(dataset="mnist", image_size=image_size, seq_len=seq_len,
+                               channels=channels),
                     learner=dict(kind=kind, n_in=n_x + 10, n_out=10, sizes=sizes), format=3), path)
     return str(path)
 

@@ -183,8 +183,9 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
     for s in range(splits):
         order = data.random_bits(data.hash_key(seed, s, 4), len(y)).argsort()
         c, q = order[:n_context], order[n_context:n_context + n_queries]
-        stats = data.to_inputs(images[c], ckpt["flags"]["image_size"])[1]   # context's stats
-        x_img = data.to_inputs(images, ckpt["flags"]["image_size"], stats)[0].to(device)  # (N, N_x)
+        size, channels = ckpt["flags"]["image_size"], ckpt["flags"].get("channels", 1)
+        stats = data.to_inputs(images[c], size, channels=channels)[1]      # context's stats
+        x_img = data.to_inputs(images, size, stats, channels=channels)[0].to(device)  # (N, N_x)
         proba = 0
         for j, task in enumerate(tasks[s]):  # each member: its own task and context order
             x_t, y_t = data.apply_tasks(x_img[None], y[None].to(device), task[None].to(device))
@@ -230,10 +231,12 @@ def table1(checkpoints, eval_tasks=32, eval_seqs=32, out_dir=".", device="cpu"):
         model, ckpt = gpicl.load_learner(path, device)
         flags, cells = ckpt["flags"], {}
         for column, name in TABLE1.items():
-            key = (name, flags["image_size"])
+            channels = flags.get("channels", 1)  # 3: the inputs the learner was trained on
+            key = (name, flags["image_size"], channels)
             if key not in loaded:  # never try the network here: offline, it may hang
                 try:
-                    loaded[key] = (data.load_dataset(name, flags["image_size"], device)
+                    loaded[key] = (data.load_dataset(name, flags["image_size"], device,
+                                                     channels=channels)
                                    if data.available(name) else None)
                 except (OSError, ValueError):  # e.g. a damaged cache file
                     loaded[key] = None

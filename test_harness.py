@@ -841,6 +841,17 @@ def test_csv_command_errors_are_one_line_exit_2(tmp_path, case, message):
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
 
+def test_metatesting_reads_a_checkpoint_s_channels(tmp_path):
+    # a learner trained with --channels 3 reads 3 x size^2 inputs: Table 1 and the UCI digits
+    # comparison must feed it those, not the grayscale default
+    ckpt = tiny_checkpoint(tmp_path / "c3.pt", width=16, n_layer=1, n_head=2, channels=3)
+    metatest.table1([ckpt], eval_tasks=2, eval_seqs=4, out_dir=str(tmp_path))
+    row = json.load(open(tmp_path / "table1.json"))["checkpoints"][0]["accuracy_pct"]
+    assert row["MNIST"]["n"] == 8 and row["UCI digits"]["n"] == 8
+    acc = metatest.compare_on_uci_digits(ckpt, splits=1, n_context=9, n_queries=5, members=2)
+    assert 0 <= acc["GPICL image path, 2 tasks"][0] <= 1
+
+
 @pytest.mark.slow
 def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
     def always_label_3(model):  # a learner whose accuracy the test can count by itself
