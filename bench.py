@@ -184,9 +184,6 @@ def bench(argv):
     cuda = device_type == "cuda"
     B = args.batch_size or (128 if cuda else 16)
     T, n_x, seed = args.seq_len, args.image_size ** 2, 0
-    if cuda:  # as train.py: TF32 matmuls and bf16 autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(device_type, dtype=torch.bfloat16) if cuda else nullcontext()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -227,6 +224,9 @@ def bench(argv):
     with torch.no_grad():
         tokens = data.make_tokens(*batches[0])                      # (B, T, N_x + 10)
         same = (ours(tokens) - ref(tokens)).abs().max().item()       # fp32, before autocast
+    if cuda:  # then as train.py: TF32 matmuls (after the fp32 comparison) and bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     def make_step(model):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
