@@ -273,8 +273,8 @@ def rounded(x, digits=4):
 
 
 def collect(out_dir):
-    """A finished run directory -> the parts of its record that come from train.py (floats to
-    4 decimals, so that a results file stays small: rounded)."""
+    """A finished run directory -> the parts of its record that come from train.py (floats
+    rounded, so that a results file stays small: rounded)."""
     log = [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
     evals = [r for r in log if "eval" in r]
     strip = lambda res: {k: {m: r[m] for m in ("first", "last", "improvement")} for k, r in res.items()}

@@ -180,10 +180,10 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
                    for norm, m in (("column", 1), ("column", members), ("global", members))}
     acc = {}
     add = lambda name, pred: acc.setdefault(name, []).append((pred.cpu() == y[q]).float().mean().item())
+    size, channels = ckpt["flags"]["image_size"], ckpt["flags"].get("channels", 1)
     for s in range(splits):
         order = data.random_bits(data.hash_key(seed, s, 4), len(y)).argsort()
         c, q = order[:n_context], order[n_context:n_context + n_queries]
-        size, channels = ckpt["flags"]["image_size"], ckpt["flags"].get("channels", 1)
         stats = data.to_inputs(images[c], size, channels=channels)[1]      # context's stats
         x_img = data.to_inputs(images, size, stats, channels=channels)[0].to(device)  # (N, N_x)
         proba = 0
@@ -230,8 +230,8 @@ def table1(checkpoints, eval_tasks=32, eval_seqs=32, out_dir=".", device="cpu"):
     for path in checkpoints:
         model, ckpt = gpicl.load_learner(path, device)
         flags, cells = ckpt["flags"], {}
+        channels = flags.get("channels", 1)  # 3: the inputs the learner was trained on
         for column, name in TABLE1.items():
-            channels = flags.get("channels", 1)  # 3: the inputs the learner was trained on
             key = (name, flags["image_size"], channels)
             if key not in loaded:  # never try the network here: offline, it may hang
                 try:

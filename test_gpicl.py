@@ -727,7 +727,6 @@ def test_choose_l2_picks_from_the_grid_on_training_tasks():
     assert gpicl.choose_l2(x_all, y_all, seq_len=30, grid=(100.0, 1e-2), n_tasks=2) == 1e-2
 
 
-
 def test_evaluation_sequences_are_made_on_the_device_of_the_data(monkeypatch):
     # a GPU run evaluates on the GPU: every index the evaluation makes must live beside the data.
     # The "meta" device stands in for a GPU (no data, every shape and device checked)

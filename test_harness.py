@@ -1081,13 +1081,13 @@ EXP_TINY = ["--device", "cpu", "--threads", "1", "--dataset", "random", "--image
         "--batch-size", "4", "--steps", "3", "--eval-every", "3", "--log-every", "1"]
 
 
-@pytest.mark.slow
 def test_records_keep_small_flags_such_as_eps_root():
     # a record rounds its floats to stay small, but a flag of 1e-8 must not read 0
     r = experiments.rounded({"adam_eps_root": 1e-8, "loss": [2.28561, 0.0], "lr": 0.002})
     assert r == {"adam_eps_root": 1e-8, "loss": [2.2856, 0.0], "lr": 0.002}
 
 
+@pytest.mark.slow
 def test_sweep_writes_one_record_per_run_and_skips_finished_ones(tmp_path):
     out, runs_dir = str(tmp_path / "r.jsonl"), str(tmp_path / "runs")
     runs = [(dict(model="transformer", width=8, n_head=2, num_tasks=n), EXP_TINY) for n in (1, None)]
