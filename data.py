@@ -13,20 +13,9 @@ trained on are simply ids that training can never draw (we use negative ids).
 
 The chapter: 1. tasks, 2. sequences and the tokens a learner reads, 3. base datasets and their
 preprocessing; then the machinery, 4. the counter-based random numbers everything above draws
-from; and an appendix, the datasets that are downloaded on first use, with its command line.
-The chapter imports nothing else from the project (the fetch command line borrows harness.py's
-Parser when used).
+from. It imports nothing else from the project.
 """
-import gzip
-import hashlib
-import http.client
 import os
-import pickle
-import shutil
-import struct
-import tarfile
-import urllib.request
-import zlib
 
 import numpy as np
 import torch
@@ -128,9 +117,6 @@ class RandomImages:
     def __len__(self):
         return NUM_CLASSES
 
-    def to(self, device):
-        return RandomImages(self.n_x, device)
-
     def images(self, task_ids):
         """(B,) -> (B, 10, N_x): uniform(0, 1) pixels, z-normalised with the uniform's own mean
         1/2 and std 1/sqrt(12). The authors z-normalise each batch by its own statistics (close
@@ -150,7 +136,7 @@ def examples(x_all, idx, task_ids):
 
 
 def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bias=0.0,
-                     batch_size=None, seqs_per_task=1, bias_task=0.0):
+                     seqs_per_task=1):
     """Build one meta-batch on the device of x_all, with no host round trip.
 
     x_all (N, N_x), y_all (N,): a preprocessed split. seq_index (B,): the global index of each
@@ -163,18 +149,11 @@ def sample_sequences(x_all, y_all, seed, step, seq_index, seq_len, num_tasks, bi
     bias F: a task id keeps the identity label permutation with probability F, once and for
     all (keeps_identity_labels), its projection random: the paper's "fixed permutation for a
     fraction of each batch", drawn as the authors draw it (`permute_labels_prob` = 1 - F).
-    bias_task F: the last round(F * slots) slots use the fixed task 0, projection and labels (the
-    authors' other knob, `project_prob` = 1 - F; ours: a fixed count of slots where theirs is a
-    Bernoulli draw per slot, equal on average).
     Returns x (B, T, N_x) float, y (B, T) long, task_ids (B,).
     """
     slot = seq_index // seqs_per_task                                               # (B,)
-    slots = -(-(batch_size or len(seq_index)) // seqs_per_task)
     task_bits = random_bits(hash_key(seed, step, slot, STREAM_TASK), 1)[:, 0]      # (B,)
     task_ids = random_below(task_bits, num_tasks)                                   # (B,)
-    if bias_task > 0:
-        fixed = slot >= slots - round(bias_task * slots)
-        task_ids = torch.where(fixed, torch.zeros_like(task_ids), task_ids)
     permute = ~keeps_identity_labels(task_ids, bias)                                # (B,)
     idx = draw_examples(hash_key(seed, step, seq_index, STREAM_SEQUENCE), seq_len, len(y_all))
     x, y = examples(x_all, idx, task_ids), y_all[idx]                    # (B, T, N_x), (B, T)
@@ -209,27 +188,37 @@ def task_sequences(x_all, y_all, task_ids, seq_len, seq_index, seed=0, identity_
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED = os.path.join(HERE, "data")  # mnist.npz and uci_digits.npz travel with the project
-DATASETS = ["mnist", "uci_digits", "random"]  # and those fetched on first use (the appendix)
+# the other datasets of the paper's Table 1: `python experiments/datasets.py fetch NAME` downloads
+# one (checksummed) into the cache folder, as NAME.npz with x_train, y_train, x_test, y_test
+FETCHED = ("fashion_mnist", "kmnist", "cifar10", "svhn")
+DATASETS = ["mnist", "uci_digits", "random", *FETCHED]
 
 
-def to_inputs(images, image_size, stats=None, channels=1):
-    """uint8 or float images (N, H, W) or (N, H, W, 3) in [0, 1] or 0..255 -> (N, N_x).
+def default_cache_dir():  # $GPICL_DATA, or ~/.cache/gpicl
+    return os.environ.get("GPICL_DATA", os.path.join(os.path.expanduser("~"), ".cache", "gpicl"))
 
-    channels 1 (ours, the default): RGB becomes grayscale (ITU-R 601 luma), N_x = size^2.
-    channels 3 (the authors' `channel_expand`, data.py `_process`): grayscale is tiled to three
-    channels and RGB kept, N_x = 3 size^2, so one learner reads MNIST and CIFAR-10 alike."""
+
+def available(name, cache_dir=None):
+    """Whether a dataset can be loaded here, without a network."""
+    return name not in FETCHED or os.path.exists(fetched_path(name, cache_dir))
+
+
+def fetched_path(name, cache_dir=None):
+    return os.path.join(cache_dir or default_cache_dir(), f"{name}.npz")
+
+
+def to_inputs(images, image_size, stats=None):
+    """uint8 or float images (N, H, W) or RGB (N, H, W, 3) -> (N, N_x), z-normalised.
+    RGB becomes grayscale (ITU-R 601 luma; ours: the authors tile grayscale to three channels,
+    `channel_expand`, so one learner reads MNIST and CIFAR-10 alike), N_x = image_size^2."""
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    if x.ndim == 3:
-        x = x[..., None]                                             # (N, H, W, 1)
-    if channels == 1 and x.shape[-1] == 3:
-        x = x @ torch.tensor([0.299, 0.587, 0.114])[:, None]        # (N, H, W, 1)
-    elif channels == 3 and x.shape[-1] == 1:
-        x = x.expand(-1, -1, -1, 3)                                  # (N, H, W, 3)
-    x = x.permute(0, 3, 1, 2)                                        # (N, C, H, W)
+    if x.ndim == 4:
+        x = x @ torch.tensor([0.299, 0.587, 0.114])                  # (N, H, W)
+    x = x[:, None]                                                   # (N, 1, H, W)
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
                           antialias=True, align_corners=False)
-    x = x.permute(0, 2, 3, 1).flatten(1)                             # (N, N_x), channels last
+    x = x.flatten(1)                                                 # (N, N_x)
     mean, std = stats if stats is not None else (x.mean().item(), x.std().item())
     return (x - mean) / std, (mean, std)
 
@@ -243,22 +232,26 @@ def load_raw(name, cache_dir=None):
         d = np.load(os.path.join(SHIPPED, "uci_digits.npz"))
         both = (d["x"].astype(np.float32) / 16.0, d["y"])
         return {"train": both, "test": both}
-    if name in DOWNLOADS:
-        return load_download(name, cache_dir)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in FETCHED:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not available(name, cache_dir):
+        raise OSError(f"{name} is not downloaded; on a machine with a network run "
+                      f"`python experiments/datasets.py fetch {name}`")
+    d = np.load(fetched_path(name, cache_dir))
+    return {"train": (d["x_train"], d["y_train"]), "test": (d["x_test"], d["y_test"])}
 
 
-def load_dataset(name, image_size, device="cpu", cache_dir=None, channels=1):
+def load_dataset(name, image_size, device="cpu", cache_dir=None):
     """{'train': (x, y), 'test': (x, y)} preprocessed, on device: x (N, N_x) float, y (N,) long.
     For "random", x is RandomImages: new images for every task."""
     if name == "random":
-        x = RandomImages(channels * image_size ** 2, device)
+        x = RandomImages(image_size ** 2, device)
         y = torch.arange(NUM_CLASSES, device=device)
         return {"train": (x, y), "test": (x, y)}
     raw = load_raw(name, cache_dir)
-    x_train, stats = to_inputs(raw["train"][0], image_size, channels=channels)
+    x_train, stats = to_inputs(raw["train"][0], image_size)
     out = {"train": (x_train, raw["train"][1])}
-    out["test"] = (to_inputs(raw["test"][0], image_size, stats, channels)[0], raw["test"][1])
+    out["test"] = (to_inputs(raw["test"][0], image_size, stats)[0], raw["test"][1])
     return {k: (x.to(device), torch.as_tensor(np.asarray(y), dtype=torch.long, device=device))
             for k, (x, y) in out.items()}
 
@@ -320,215 +313,3 @@ def random_normal(key, n):
 def random_below(bits, high):
     """Integers in [0, high) from 64-bit words (62 bits used; the modulo bias is < 2^-30)."""
     return (bits & (2 ** 62 - 1)) % high
-
-
-# -----------------------------------------------------------------------------
-# Appendix: datasets fetched on first use (checksum-verified, written atomically, cached)
-#
-# Not needed to follow the chapter: MNIST and UCI digits travel with the project; these are the
-# other datasets of the paper's Table 1, and the readers of their file formats.
-#
-# Each file is streamed to 'name.part', its MD5 (the checksum its publishers list) is checked,
-# and only then is it renamed into place; the converted arrays are cached as one .npz, written
-# the same way. An interrupted download never leaves a file behind that looks complete.
-
-DOWNLOADS = {  # name: (base URL, {file: md5})
-    "fashion_mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
-        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
-    "kmnist": ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/", {
-        "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
-        "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
-        "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
-        "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134"}),
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/", {
-        "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}),
-    "svhn": ("http://ufldl.stanford.edu/housenumbers/", {
-        "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
-        "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}),
-}
-DATASETS += list(DOWNLOADS)
-
-
-def default_cache_dir():  # $GPICL_DATA, or ~/.cache/gpicl
-    return os.environ.get("GPICL_DATA", os.path.join(os.path.expanduser("~"), ".cache", "gpicl"))
-
-
-def md5(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fetch(url, path, checksum):
-    """Download url to path unless a verified copy is already there."""
-    if os.path.exists(path) and md5(path) == checksum:
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    part = path + ".part"
-    try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as f:
-                shutil.copyfileobj(r, f, 1 << 20)
-        except http.client.HTTPException as e:  # a connection cut mid-transfer
-            raise IOError(f"{url}: download interrupted ({type(e).__name__})") from None
-        if md5(part) != checksum:
-            raise IOError(f"{url} does not match its checksum (corrupted or truncated download); "
-                          "nothing was kept, run again to retry")
-        os.replace(part, path)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-    return path
-
-
-def read_idx(path):
-    """The MNIST family's IDX format (gzipped): big-endian dims, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def read_cifar10(path):
-    """CIFAR-10's python tarball: pickled batches of (N, 3072) uint8 rows, channels first."""
-    parts = {"train": [], "test": []}
-    with tarfile.open(path, "r:gz") as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            name = os.path.basename(member.name)
-            split = ("train" if name.startswith("data_batch") else
-                     "test" if name == "test_batch" else None)
-            if split:
-                d = pickle.load(tar.extractfile(member), encoding="bytes")
-                x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                parts[split].append((x, np.asarray(d[b"labels"], np.uint8)))
-    return {k: tuple(np.concatenate(a) for a in zip(*v)) for k, v in parts.items()}
-
-
-MAT_TYPES = {1: np.int8, 2: np.uint8, 3: np.int16, 4: np.uint16, 5: np.int32, 6: np.uint32,
-             7: np.float32, 9: np.float64, 12: np.int64, 13: np.uint64}
-
-
-def read_mat(path):
-    """The numeric arrays of a MATLAB v5 .mat file (SVHN's format), as {name: array}.
-    Enough of the format for SVHN, so that scipy is not needed."""
-    raw = open(path, "rb").read()
-    if raw[126:128] != b"IM":
-        raise ValueError(f"{path} is not a little-endian MATLAB v5 file")
-
-    def element(buf, pos, pad=True):  # -> (type, data, next position)
-        word = struct.unpack_from("<I", buf, pos)[0]
-        if word >> 16:  # small element: type and size share one word, data in the next 4 bytes
-            return word & 0xFFFF, buf[pos + 4:pos + 4 + (word >> 16)], pos + 8
-        n = struct.unpack_from("<I", buf, pos + 4)[0]
-        return word, buf[pos + 8:pos + 8 + n], pos + 8 + n + (-n % 8 if pad else 0)
-
-    arrays, pos = {}, 128
-    while pos < len(raw):
-        kind, body, pos = element(raw, pos, pad=False)  # top-level elements are not padded
-        if kind == 15:  # miCOMPRESSED: a zlib stream holding one element
-            kind, body, _ = element(zlib.decompress(body), 0)
-        if kind != 14:  # only miMATRIX elements hold arrays
-            continue
-        _, _, p = element(body, 0)                                  # array flags
-        _, dims, p = element(body, p)
-        _, name, p = element(body, p)
-        kind, values, _ = element(body, p)
-        dims = np.frombuffer(dims, np.int32)
-        arrays[name.decode()] = np.frombuffer(values, MAT_TYPES[kind]).reshape(dims, order="F")
-    return arrays
-
-
-def read_svhn(path):
-    d = read_mat(path)
-    x = d["X"].transpose(3, 0, 1, 2)                     # (32, 32, 3, N) -> (N, 32, 32, 3)
-    y = d["y"].reshape(-1).astype(np.uint8) % 10                     # the digit 0 is labelled 10
-    return x, y
-
-
-def convert(name, paths):
-    """Downloaded files -> {'x_train', 'y_train', 'x_test', 'y_test'} uint8 arrays."""
-    if name in ("fashion_mnist", "kmnist"):
-        x_tr, y_tr, x_te, y_te = (read_idx(paths[f]) for f in DOWNLOADS[name][1])
-        return dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
-    if name == "cifar10":
-        d = read_cifar10(paths["cifar-10-python.tar.gz"])
-        return dict(x_train=d["train"][0], y_train=d["train"][1],
-                    x_test=d["test"][0], y_test=d["test"][1])
-    (x_tr, y_tr), (x_te, y_te) = (read_svhn(paths[f]) for f in DOWNLOADS[name][1])
-    return dict(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
-
-
-def fetch_dataset(name, cache_dir=None, base_url=None):
-    """Download (if needed), verify and convert a dataset; returns the path of its .npz."""
-    cache_dir = cache_dir or default_cache_dir()
-    out = os.path.join(cache_dir, f"{name}.npz")
-    if os.path.exists(out):
-        return out
-    url, files = DOWNLOADS[name]
-    mirror = os.environ.get("GPICL_MIRROR")  # a mirror serves {mirror}/{name}/{file}
-    url = base_url or (f"{mirror.rstrip('/')}/{name}/" if mirror else url)
-    try:
-        paths = {f: fetch(url + f, os.path.join(cache_dir, name, f), md5sum)
-                 for f, md5sum in files.items()}
-    except OSError as e:  # URLError, timeouts and checksum failures alike
-        raise OSError(f"could not fetch {name} ({e}); on a machine with a network run "
-                      f"`python data.py fetch {name}` and copy {cache_dir} here") from None
-    arrays = convert(name, paths)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
-    return out
-
-
-def load_download(name, cache_dir=None):
-    d = np.load(fetch_dataset(name, cache_dir))
-    return {"train": (d["x_train"], d["y_train"]), "test": (d["x_test"], d["y_test"])}
-
-
-def available(name, cache_dir=None):
-    """Whether a dataset can be loaded without a network."""
-    return name not in DOWNLOADS or os.path.exists(os.path.join(cache_dir or default_cache_dir(),
-                                                                f"{name}.npz"))
-
-
-# -----------------------------------------------------------------------------
-# The appendix's command line: python data.py fetch NAME..., on a machine with a network
-
-def get_parser():
-    # The project's one Parser (one line per error, exit 2) lives with the rest of the run's
-    # safety in harness.py. It is imported here, when the command line is built, not at the top:
-    # the chapter above (tasks, sequences, datasets) imports nothing of ours and can be copied
-    # alone (without harness.py, only `python data.py fetch` stops working).
-    from harness import Parser
-    p = Parser(prog="data.py", description="Fetch the datasets that are not shipped.")
-    p.add_argument("command", choices=["fetch"])
-    p.add_argument("names", nargs="+", choices=list(DOWNLOADS))
-    p.add_argument("--data-dir", default=None,
-                   help="cache folder (default: $GPICL_DATA or ~/.cache/gpicl)")
-    return p
-
-
-def main(argv=None):
-    p = get_parser()
-    args = p.parse_args(argv)
-    d = default_cache_dir() if args.data_dir is None else args.data_dir
-    try:  # the cache folder, made before any download starts
-        os.makedirs(d, exist_ok=True)
-    except (OSError, ValueError) as e:  # a file in its place, no permission, a NUL in the name
-        p.error(f"--data-dir {d!r} is not a folder that can be used "
-                f"({getattr(e, 'strerror', None) or e})")
-    for n in args.names:
-        try:
-            print(n, "->", fetch_dataset(n, d))
-        except (OSError, ValueError) as e:  # the network, the disk, or a file that does not convert
-            p.exit(1, f"data.py: error: {n}: {(str(e).splitlines() or [type(e).__name__])[0]}\n")
-
-
-if __name__ == "__main__":
-    main()

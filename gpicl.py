@@ -9,20 +9,20 @@ claim): its accuracy on tasks it never saw rises along the sequence as it reads 
 other datasets, beside 1-NN, logistic regression and SGD scored on the very same sequences (so
 a curve can be read against learners that need no meta-training), and `regime` names which of
 the paper's three regimes a learner is in. (A meta-trained learner as a classifier for your own
-table of numbers is metatest.py's InContextClassifier.)
+table of numbers is experiments/metatest.py's InContextClassifier.)
 
-Uses data.py (tasks, sequences, tokens) and models.py (learners); imported by train.py and
-metatest.py.
+Uses data.py (tasks, sequences, tokens) and models.py (learners); train.py drives it.
 """
 import functools
 import math
+import os
+import pickle
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 import data
-import harness  # the safe loading of checkpoints only
 import models
 
 # -----------------------------------------------------------------------------
@@ -269,13 +269,13 @@ def first_per_task(task_ids, k):
 # Evaluation of a learner, beside the baselines
 
 @torch.no_grad()
-def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=True):
+def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=None):
     """{name: summary} for every evaluation set; the model is left in the mode it was in.
 
-    baselines: True for BASELINES, False (or {}) for none, or a dict like BASELINES. Each is
-    scored on the same x, y tensors as the learner (on its subset of sequences) and added as
+    baselines: None, or a dict like BASELINES. Each baseline is scored on the same x, y tensors
+    as the learner (on its subset of sequences) and added as
     summary["baselines"] = {baseline name: summary}."""
-    baselines = BASELINES if baselines is True else dict(baselines or {})
+    baselines = baselines or {}
     was_training = model.training
     model.eval()
     out = {}
@@ -291,6 +291,26 @@ def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=True):
                                       for b, c in correct.items()}
     model.train(was_training)
     return out
+
+
+class Evaluator:
+    """evaluate() the model again and again on the same sets, as meta-training does. The
+    baselines read only the evaluation sequences, which never change: they are scored at the
+    first call and attached to the results of every later one."""
+
+    def __init__(self, model, sets, seq_len, baselines=None, ctx=None):
+        self.model, self.sets, self.seq_len, self.ctx = model, sets, seq_len, ctx
+        self.baselines, self.scored, self.results = baselines, None, None
+
+    def __call__(self):
+        self.results = evaluate(self.model, self.sets, self.seq_len, ctx=self.ctx,
+                                baselines=None if self.scored else self.baselines)
+        if self.baselines and self.scored is None:
+            self.scored = {name: r["baselines"] for name, r in self.results.items()}
+        for name, r in self.results.items():
+            if self.scored:
+                r["baselines"] = self.scored[name]
+        return self.results
 
 
 def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx, runs,
@@ -371,13 +391,33 @@ def format_results(results):
 # -----------------------------------------------------------------------------
 # A trained learner from a checkpoint
 
+def load_checkpoint(path, device="cpu"):
+    """The dict of a train.py checkpoint, read safely: weights_only=True rebuilds only tensors,
+    dicts, lists, numbers and strings, never an arbitrary object, so a file from a stranger
+    cannot run code as it loads (a pickle may name any function to call). A missing, cut or
+    refused file is a one-line ValueError."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:  # refused, or garbage the safe unpickler cannot read
+        why = (str(e).partition("WeightsUnpickler error:")[2].strip() or str(e)).splitlines()[0]
+        raise ValueError(f"{path} is refused: not made of tensors, numbers and strings only "
+                         f"({why[:120]})") from None
+    except Exception as e:  # cut short or corrupted: zip, pickle and storage errors alike
+        why = (str(e).splitlines() or [""])[0][:100]
+        raise ValueError(f"{path} is cut short or corrupted ({type(e).__name__}: {why})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args", "flags"} <= set(ckpt):
+        raise ValueError(f"{path} is not a train.py checkpoint")
+    return ckpt
+
+
 def load_learner(path, device="cpu"):
     """(model in eval mode, checkpoint dict) from a train.py checkpoint; a one-line ValueError
     for a file that is not one."""
-    ckpt = harness.load_checkpoint(path, device)  # safely: no code in it runs
+    ckpt = load_checkpoint(path, device)
     try:
-        m = ckpt["learner"]
-        model = models.build(m["kind"], m["n_in"], m["n_out"], **m["sizes"]).to(device)
+        model = models.build(**ckpt["model_args"]).to(device)
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         why = (str(e).splitlines() or [""])[0][:100]

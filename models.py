@@ -428,6 +428,39 @@ class VSML(Learner):
 
 
 # -----------------------------------------------------------------------------
+# The authors' optimizer, Adam as optax's: meta-training's (Adam), and the one every sgd and maml
+# learner runs inside each sequence (adam_step)
+
+class Adam(torch.optim.Optimizer):
+    """Adam as optax's, the authors' optimizer (optimizers/optax_opts.py, eps_root 1e-8):
+
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+        update = lr * m_hat / (sqrt(v_hat + eps_root) + eps),   m_hat, v_hat bias-corrected
+
+    torch.optim.Adam has no eps_root. With it, a parameter whose gradients are all tiny (as on
+    a loss plateau) takes steps ~ lr g / sqrt(eps_root) instead of ~ lr: it damps them (one of
+    the plateau's levers, paper 4.3). train.py meta-trains every learner with it."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, eps_root=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, eps_root=eps_root))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if not state:
+                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["t"] += 1
+                m, v, t = state["m"], state["v"], state["t"]
+                m.lerp_(p.grad, 1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2 ** t)).add_(group["eps_root"]).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+
+# -----------------------------------------------------------------------------
 # Learning by gradient descent inside each sequence: the sgd and maml baselines (the authors'
 # models.py SGD, with use_maml for maml)
 #
@@ -443,11 +476,11 @@ def adam_step(w, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
     constant so that its gradient, which maml's second-order meta-gradient takes, is finite
     where v is 0.
 
-    The same Adam as train.Adam (optax's, with eps_root 1e-30 here), written out of place: it
-    cannot be train's. train.Adam, a torch.optim.Optimizer, updates leaf parameters in place
-    under no_grad, once per meta-batch; this step updates a batch of per-sequence weights (B, ...)
-    that are not parameters, at every position, and maml differentiates through it (its outer
-    gradient flows through every inner update), which an in-place no_grad step would cut."""
+    The same Adam as the class above (with eps_root 1e-30 here), written out of place: the class,
+    a torch.optim.Optimizer, updates leaf parameters in place under no_grad, once per
+    meta-batch; this step updates a batch of per-sequence weights (B, ...) that are not
+    parameters, at every position, and maml differentiates through it (its outer gradient flows
+    through every inner update), which an in-place no_grad step would cut."""
     m = [b1 * a + (1 - b1) * d for a, d in zip(m, g)]
     v = [b2 * a + (1 - b2) * d * d for a, d in zip(v, g)]
     w = [p - lr * (a / (1 - b1 ** t)) / ((s / (1 - b2 ** t) + 1e-30).sqrt() + eps)
@@ -588,9 +621,8 @@ def solve_for_state(cls, state_size, sizes, largest=2 ** 16):
 
 
 def build(kind, n_in, n_out, **sizes):
-    if kind == "transformer" and "key_size" not in sizes:
-        # a checkpoint from before key_size was a parameter: the heads split the width
-        sizes["key_size"] = sizes["width"] // sizes["n_head"]
+    """The learner `kind` for tokens of n_in floats and n_out labels, with the sizes of
+    learner_sizes (a checkpoint keeps all of these as its "model_args")."""
     return MODELS[kind](n_in, n_out, **sizes)
 
 

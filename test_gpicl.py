@@ -1,28 +1,60 @@
 """
-The lesson's tests, in the reading guide's order: 1. tasks, 2. sequences, 3. tokens, 4. causality,
-5. learners and their state sizes, 6. the loss's optimizer, 7. evaluation, 8. in-context learning.
-The machinery's tests (command lines, resuming, signals, locks, torchrun, downloads, bench.py,
-the fuzz, experiments.py) are test_harness.py; helpers both share are conftest.py.
+The lesson's tests, in the reading order: 1. tasks, 2. sequences, 3. tokens, 4. causality,
+5. learners and their state sizes, 6. the loss and its optimizer, 7. evaluation, 8. in-context
+learning; then 9. train.py's command line and what a run needs to lose nothing (resume, signals,
+a non-finite loss, the time budget, torchrun). The folder's own tests are in experiments/.
 
-    python -m pytest -q test_gpicl.py test_harness.py            # everything (CI)
-    python -m pytest -q -m "not slow" test_gpicl.py test_harness.py   # about a minute
+    python -m pytest -q test_gpicl.py experiments                 # everything (CI)
+    python -m pytest -q -m "not slow" test_gpicl.py experiments   # the quick set
 """
 import argparse
 import json
 import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import configurator
 import data
 import gpicl
-import metatest
 import models
 import train
-from conftest import TINY, TRAINED, blobs, kinds, run_train, small, tiny_checkpoint, uci_split
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+TINY = ["--image-size", "7", "--seq-len", "10", "--batch-size", "8", "--model", "transformer",
+        "--width", "16", "--n-layer", "1", "--n-head", "2", "--eval-tasks", "2", "--eval-seqs", "4",
+        "--eval-datasets", "", "--threads", "1"]  # train.py at its smallest
+
+
+def run_train(args, timeout=300, **kw):
+    return subprocess.run([PY, os.path.join(HERE, "train.py"), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=timeout, **kw)
+
+
+def kinds(*slow):
+    """Every learner kind for a parametrized test, the named ones marked slow (> ~3 s here)."""
+    return [pytest.param(k, marks=pytest.mark.slow) if k in slow else k for k in models.MODELS]
+
+
+def small(kind, seq_len=12, n_x=6):
+    given = dict(width=16, n_layer=2, n_head=2, key_size=4)
+    sizes = models.learner_sizes(kind, n_x + 10, seq_len, **{k: v for k, v in given.items()
+                                                          if k in models.MODELS[kind].defaults})
+    torch.manual_seed(0)
+    return models.build(kind, n_x + 10, 10, **sizes).eval()
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "log.jsonl")))
+            if "loss" in r]
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +200,7 @@ def test_sample_sequences_never_draws_unseen_ids_and_respects_num_tasks():
             assert len(set(drawn.tolist())) == num_tasks                # uniform: all get drawn
     # fresh: ids from all 62 bits, so 3,200 sequences are 3,200 tasks (half of them above 2^61)
     assert len(set(drawn.tolist())) == len(drawn) and (drawn >= 2 ** 61).sum() > 1400
-    assert configurator.num_tasks_type("fresh") == data.FRESH == configurator.num_tasks_type("2**62")
+    assert train.num_tasks("fresh") == data.FRESH == train.num_tasks("2**62") == train.num_tasks("2^62")
     assert max(unseen) < 0
 
 
@@ -201,8 +233,8 @@ def test_sample_sequences_bias_labels_a_task_id_with_the_identity_in_every_batch
     kept = {}
     for step in range(30):
         args = (x_all, y_all, 0, step, torch.arange(40), 12, 8)
-        x0, y0, ids0 = data.sample_sequences(*args, batch_size=40, seqs_per_task=2)
-        x1, y1, ids1 = data.sample_sequences(*args, bias=0.5, batch_size=40, seqs_per_task=2)
+        x0, y0, ids0 = data.sample_sequences(*args, seqs_per_task=2)
+        x1, y1, ids1 = data.sample_sequences(*args, bias=0.5, seqs_per_task=2)
         assert torch.equal(x0, x1) and torch.equal(ids0, ids1)           # projections stay random
         unpermuted = data.task_permutation(ids0).argsort(-1).gather(1, y0)  # rho^-1(y)
         for i, task in enumerate(ids1.tolist()):
@@ -223,31 +255,23 @@ def test_keeps_identity_labels_for_a_fraction_f_of_task_ids():
 def test_get_batch_bias_steps_end_the_bias_at_that_step():
     x_all, y_all = torch.randn(300, 5), torch.randint(0, 10, (300,))
     base = dict(lookup_steps=0, seed=0, seq_len=10, num_tasks=data.FRESH, batch_size=64,
-                seqs_per_task=1, bias_task=0.0, bias=0.9)
-    tasks = dict(train=(x_all, y_all), lookup=None)
+                seqs_per_task=1, bias=0.9)
+    splits = dict(train=(x_all, y_all), lookup=None)
     idx = torch.arange(64)
-    with_bias = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=7, seq_index=idx)
-    limited = lambda step: train.get_batch(argparse.Namespace(**base, bias_steps=5), tasks,
+    with_bias = train.get_batch(argparse.Namespace(**base, bias_steps=0), splits, step=7, seq_index=idx)
+    limited = lambda step: train.get_batch(argparse.Namespace(**base, bias_steps=5), splits,
                                            step=step, seq_index=idx)
-    unbiased = train.get_batch(argparse.Namespace(**dict(base, bias=0.0), bias_steps=0), tasks,
+    unbiased = train.get_batch(argparse.Namespace(**dict(base, bias=0.0), bias_steps=0), splits,
                                step=7, seq_index=idx)
     assert torch.equal(limited(7)[1], unbiased[1]) and not torch.equal(with_bias[1], unbiased[1])
-    early = train.get_batch(argparse.Namespace(**base, bias_steps=0), tasks, step=4, seq_index=idx)
+    early = train.get_batch(argparse.Namespace(**base, bias_steps=0), splits, step=4, seq_index=idx)
     assert torch.equal(limited(4)[1], early[1])
-
-
-def test_sample_sequences_bias_task_puts_the_last_slots_on_task_zero():
-    x_all, y_all = torch.randn(50, 4), torch.randint(0, 10, (50,))
-    for step in range(5):
-        ids = data.sample_sequences(x_all, y_all, 0, step, torch.arange(40), 5, data.FRESH,
-                                    batch_size=40, bias_task=0.25)[2]
-        assert (ids[30:] == 0).all() and (ids[:30] != 0).all()
 
 
 def test_sample_sequences_of_one_slot_share_a_task_and_slots_differ():
     x_all, y_all = torch.randn(500, 6), torch.randint(0, 10, (500,))
     x, y, ids = data.sample_sequences(x_all, y_all, 1, 2, torch.arange(32), 20, data.FRESH,
-                                      batch_size=32, seqs_per_task=8)
+                                      seqs_per_task=8)
     assert torch.equal(ids, ids[::8].repeat_interleave(8)) and len(set(ids.tolist())) == 4
     assert not torch.equal(x[0], x[1])                     # the same task, other examples
 
@@ -271,13 +295,6 @@ def test_sample_sequences_does_not_depend_on_how_the_batch_is_split():
         assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
     other_step = data.sample_sequences(d["x"], d["y"], 3, 8, torch.arange(8), 12, 2 ** 10)
     assert not torch.equal(whole[1], other_step[1])
-
-
-def test_to_inputs_channels_3_tiles_grayscale_as_the_authors_channel_expand():
-    gray = np.random.default_rng(0).integers(0, 256, (5, 8, 8)).astype(np.uint8)
-    x3 = data.to_inputs(gray, 8, (0.0, 1.0), channels=3)[0].view(5, 8, 8, 3)
-    assert torch.equal(x3[..., 0], x3[..., 1]) and torch.equal(x3[..., 0], x3[..., 2])
-    assert torch.equal(x3[..., 0].flatten(1), data.to_inputs(gray, 8, (0.0, 1.0))[0])
 
 
 def test_load_dataset_z_normalises_with_training_statistics():
@@ -394,6 +411,19 @@ def test_state_size_is_what_the_learner_reads_back_while_it_runs(kind, monkeypat
     assert state_read_while_running(model, torch.randn(2, T, 16), monkeypatch) == model.state_size(T)
 
 
+@pytest.mark.parametrize("kind", kinds("vsml", "maml"))
+def test_state_size_is_the_floats_every_learner_carries_from_step_to_step(kind):
+    # carried_state: the very tensors run() carries to the next step (the KV cache, h and c, the
+    # fast weights, the inner loop's weights and moments), counted per sequence
+    T, B = 12, 3
+    model = small(kind, T)
+    carried = model.carried_state(torch.randn(B, T, 16))
+    assert all(t.shape[0] == B or t.shape[1] == B for t in carried)      # one state per sequence
+    assert sum(t.numel() for t in carried) == B * model.state_size(T)
+    if kind == "mlp":
+        assert carried == [] and model.state_size(T) == 0                # it carries nothing
+
+
 def test_transformer_state_is_the_kv_cache_attention_reads_whatever_the_width(monkeypatch):
     T, n_in = 20, 26
     for width in (2, 16, 64):
@@ -459,7 +489,7 @@ def test_haiku_lstm_init_gate_bias_moves_as_one_bias_under_adam():
     model = small("lstm")
     lstm = model.lstm
     before = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().clone()
-    opt = train.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01, eps_root=0.0)
+    opt = models.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01, eps_root=0.0)
     x, y = torch.randn(4, 6, 6), torch.randint(0, 10, (4, 6))
     F.cross_entropy(model(data.make_tokens(x, y)).flatten(0, 1), y.flatten()).backward()
     opt.step()
@@ -492,7 +522,7 @@ def test_sgd_learner_gives_each_sequence_its_own_init_from_its_content():
 
 
 # -----------------------------------------------------------------------------
-# 6. The loss, and its optimizer: the authors' Adam (train.py)
+# 6. The loss (train.py), and its optimizer: the authors' Adam (models.Adam)
 
 def test_train_minimises_the_cross_entropy_at_every_position_of_the_meta_batch(tmp_path):
     argv = [*TINY, "--steps", "1", "--log-every", "1", "--eval-every", "1000", "--baselines", "off",
@@ -500,27 +530,25 @@ def test_train_minimises_the_cross_entropy_at_every_position_of_the_meta_batch(t
     train.main(argv)
     logged = next(r["loss"] for r in map(json.loads, open(tmp_path / "r" / "log.jsonl")) if "loss" in r)
     # by hand: the same learner at its init, on step 0's meta-batch, -log p(y_t) averaged over t
-    parser = configurator.get_parser()
-    args = parser.parse_args(argv)
-    configurator.apply_preset(args)
-    args.device = "cpu"
-    tasks, _ = train.load_data(parser, args, [])
-    tokens, y = train.get_batch(args, tasks, step=0, seq_index=torch.arange(args.batch_size))
+    args = train.get_parser().parse_args(argv)
+    train.apply_preset(args)
+    splits = dict(train=data.load_dataset("mnist", args.image_size)["train"])
+    tokens, y = train.get_batch(args, splits, step=0, seq_index=torch.arange(args.batch_size))
     n_in = tokens.shape[-1]
     torch.manual_seed(args.seed)
     model = models.build("transformer", n_in, 10, **models.learner_sizes(
-        "transformer", n_in, args.seq_len, width=16, n_layer=1, n_head=2))
+        "transformer", n_in, args.seq_len, width=16, n_layer=1, n_head=2, key_size=32))
     with torch.no_grad():
         logp = model(tokens).log_softmax(-1)                                # (B, T, 10)
     by_hand = -logp.gather(-1, y[..., None]).mean().item()             # every position counts
     assert logged == pytest.approx(by_hand, rel=1e-5)
 
 
-def test_train_adam_matches_optax_formula_with_eps_root():
+def test_adam_matches_optax_formula_with_eps_root():
     # two steps by hand: update = lr * m_hat / (sqrt(v_hat + eps_root) + eps)
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3e-5]))
     grads = [torch.tensor([0.5, -1e-4, 2e-6]), torch.tensor([0.1, 3e-4, -1e-6])]
-    opt = train.Adam([p], lr=0.1, eps=1e-8, eps_root=1e-8)
+    opt = models.Adam([p], lr=0.1, eps=1e-8, eps_root=1e-8)
     want, m, v = p.detach().double().clone(), 0, 0
     for t, g in enumerate(grads, 1):
         p.grad = g.clone()
@@ -531,7 +559,7 @@ def test_train_adam_matches_optax_formula_with_eps_root():
         assert torch.allclose(p.detach().double(), want, rtol=1e-6, atol=1e-9)
     # eps_root damps a tiny gradient: its step is far below lr, where torch's Adam steps ~lr
     q, r = (torch.nn.Parameter(torch.tensor([0.0])) for _ in range(2))
-    ours, ref = train.Adam([q], lr=0.1), torch.optim.Adam([r], lr=0.1, eps=1e-8)
+    ours, ref = models.Adam([q], lr=0.1), torch.optim.Adam([r], lr=0.1, eps=1e-8)
     q.grad, r.grad = torch.tensor([2e-6]), torch.tensor([2e-6])
     ours.step(), ref.step()
     assert abs(q.item()) < 0.01 and abs(r.item()) > 0.09
@@ -662,12 +690,12 @@ def test_evaluate_gives_the_baselines_the_very_sequences_the_learner_reads():
     assert r["baselines"]["SGD"]["n"] == 6 and r["baselines"]["SGD"]["tasks"] == 3
     # the default baselines: 1-NN with the same numbers, logistic regression on up to 8
     # sequences of each task (all 4 here), SGD on every sequence
-    default = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5)["s"]
+    default = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5,
+                             baselines=gpicl.BASELINES)["s"]
     assert list(default["baselines"]) == ["1-NN", "logistic regression", "SGD"]
     assert default["baselines"]["1-NN"] == r["baselines"]["1-NN"]
     assert default["baselines"]["SGD"]["n"] == default["baselines"]["logistic regression"]["n"] == 12
-    assert "baselines" not in gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T,
-                                             baselines=False)["s"]
+    assert "baselines" not in gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T)["s"]
 
 
 def test_nearest_neighbour_predicts_the_label_of_the_nearest_earlier_example():
@@ -792,7 +820,7 @@ def test_train_shows_the_baselines_in_table_log_and_summary_and_the_flag_removes
 
 
 # -----------------------------------------------------------------------------
-# 8. In-context learning: meta-training learns it; a trained learner on your own data (metatest.py)
+# 8. In-context learning: meta-training learns it
 
 @pytest.mark.slow
 def test_train_meta_learns_in_context_on_unseen_tasks(tmp_path):
@@ -816,92 +844,392 @@ def test_train_meta_learns_in_context_on_unseen_tasks(tmp_path):
     assert sum(r["curve"][5:]) / 5 > sum(r["curve"][:5]) / 5 + 0.1      # rising along the sequence
 
 
-@pytest.mark.parametrize("labels", [[3, 7, 11], ["cat", "dog", "emu"]])
-def test_in_context_classifier_fit_predict_round_trip_in_the_users_labels(trained, labels):
-    X, y = blobs(labels, 40)
-    trained.fit(X[:60], y[:60])
-    pred, proba = trained.predict(X[60:]), trained.predict_proba(X[60:])
-    assert list(trained.classes_) == sorted(labels)
-    assert set(pred) <= set(labels) and pred.shape == (60,)
-    assert proba.shape == (60, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
-    assert np.array_equal(pred, trained.classes_[proba.argmax(1)])
-    # separated classes: a mapping back to the wrong labels would score ~1/3 or less
-    assert np.mean(pred == y[60:]) > 0.8
+# -----------------------------------------------------------------------------
+# 9. train.py's command line, and what a run needs to lose nothing
+
+BAD_FLAGS = [
+    ["--num-tasks", "0"], ["--num-tasks", "lots"], ["--num-tasks", "2**-3"], ["--bias", "1.5"],
+    ["--lr", "-1"], ["--lr", "nan"], ["--steps", "0"], ["--model", "gru"],
+    ["--model", "transformer", "--state-size", "1001"], ["--batch-size", "7", "--seqs-per-task", "2"],
+    ["--eval-datasets", "imagenet"], ["--image-size", "x"], ["--num-tasks", "2**70"],
+    ["--seed", "99999999999999999999"], ["--device", "foo"], ["--device", "cuda:99"],
+    ["--out-dir", "/dev/null/run"], ["--baselines", "maybe"], ["--time-budget", "5x"],
+    ["--time-budget", "0"], ["--threads", "100000"], ["--eval-datasets", "fashion_mnist"],
+    ["--schedule", "cosine"], ["--channels", "3"], ["--grad-accum", "2"], ["--bias-task", "0.5"],
+]
 
 
-def test_in_context_classifier_predictions_do_not_depend_on_the_order_or_company_of_queries(trained):
-    X, y = blobs([0, 1, 2, 3], 30, seed=1)
-    trained.fit(X[:80], y[:80])
-    q = X[80:]
-    proba = trained.predict_proba(q)
-    perm = np.random.default_rng(0).permutation(len(q))
-    assert np.allclose(trained.predict_proba(q[perm]), proba[perm], atol=1e-5)
-    assert np.allclose(trained.predict_proba(q[3:4]), proba[3:4], atol=1e-5)  # alone
-    # and a different seed is a different ensemble (the check above could not pass vacuously)
-    other = metatest.InContextClassifier(TRAINED, members=8, seed=1).fit(X[:80], y[:80])
-    assert not np.allclose(other.predict_proba(q), proba, atol=1e-3)
+@pytest.mark.parametrize("flags", BAD_FLAGS, ids=lambda f: " ".join(f))
+def test_bad_flags_give_one_line_and_exit_2(flags, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GPICL_DATA", str(tmp_path / "cache"))  # fashion_mnist: not downloaded
+    with pytest.raises(SystemExit) as e:  # a flag wrongly accepted trains a step and returns
+        train.main([*TINY, "--steps", "1", "--out-dir", str(tmp_path / "r"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("train.py: error: "), err
+    assert not (tmp_path / "r" / "ckpt.pt").exists()
 
 
-@pytest.mark.parametrize("fit_args, match", [
-    ((np.zeros((30, 3)), np.arange(30) % 11), "11 classes"),
-    ((np.full((4, 2), np.nan), [0, 1, 0, 1]), "NaN"),
-    ((np.array([[1.0, np.inf], [0, 0]]), [0, 1]), "infinite"),
-    ((np.ones((1, 3)), [0]), "at least 2 context rows"),
-    ((np.zeros((5, 0)), [0, 1, 0, 1, 0]), "width 0"),
-    ((np.zeros((5, 2)), [0, 1, 0]), "one label per row"),
-    (([["a", "b"], ["c", "d"]], [0, 1]), "numbers only"),
-])
-def test_in_context_classifier_bad_context_is_one_clear_error(trained, fit_args, match):
-    with pytest.raises(ValueError, match=match) as e:
-        metatest.InContextClassifier(TRAINED, members=1).fit(*fit_args)
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("flag", [a for a in train.get_parser()._actions
+                                  if a.type is not None], ids=lambda a: a.dest)
+def test_fuzz_every_number_flag_is_refused_in_one_line_or_reaches_the_work(flag, tmp_path, capsys,
+                                                                         monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached
+    monkeypatch.setattr(data, "load_dataset", reached)  # where the expensive work starts
+    for value in ["-1", "0", "1.5", "nan", "inf", "-inf", "1e400", "", " ", "abc", "0x10", "2**70",
+                  "1_0", "\0", str(2 ** 31), str(2 ** 63), str(10 ** 40)]:
+        try:
+            train.main([*TINY, "--steps", "1", "--out-dir", str(tmp_path / "r"),
+                        flag.option_strings[0], value])
+            outcome = "trained"
+        except Reached:
+            outcome = "work"
+        except SystemExit as e:
+            outcome = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert outcome in ("work", 2), (flag.dest, value, outcome)
+        assert outcome == "work" or (len(err) == 1 and "error:" in err[0]), (flag.dest, value, err)
 
 
-def test_in_context_classifier_bad_queries_are_one_clear_error(trained):
-    fresh = metatest.InContextClassifier(TRAINED, members=1)
-    with pytest.raises(ValueError, match="before predict"):
-        fresh.predict(np.zeros((2, 3)))
-    fresh.fit(np.random.default_rng(0).normal(size=(10, 3)), [0, 1] * 5)
-    with pytest.raises(ValueError, match="has 4 features but the context rows have 3"):
-        fresh.predict(np.zeros((2, 4)))
-    with pytest.raises(ValueError, match="NaN"):
-        fresh.predict_proba(np.array([[0, np.nan, 0]]))
+def test_presets_fill_what_no_flag_gives_and_flags_win():
+    def parse(*a):
+        args = train.get_parser().parse_args(list(a))
+        train.apply_preset(args)
+        return args
+    for device, preset in (("cpu", "cpu"), ("cuda:0", "paper")):            # the device picks
+        args = parse("--device", device)
+        assert args.preset == preset
+        assert all(getattr(args, k) == v for k, v in train.PRESETS[preset].items())
+    args = parse("--preset", "paper", "--image-size", "9", "--steps", "5", "--width", "3")
+    assert (args.image_size, args.steps, args.width) == (9, 5, 3)       # a flag given wins
+    assert args.batch_size == train.PRESETS["paper"]["batch_size"]      # the rest: the preset
+    args = parse("--preset", "cpu", "--model", "outer_lstm")      # sizes are the Transformer's
+    assert args.width is None and args.n_head is None
+    assert args.batch_size == 64 and args.time_budget == 13 * 60        # the other learners'
+    widths = [parse("--preset", "cpu", "--model", "lstm", *extra).width
+              for extra in ((), ("--width", "128"), ("--state-size", "1024"))]
+    assert widths == [64, 128, None]               # the cpu preset's LSTM: 64 unless asked
+    assert parse("--preset", "paper", "--model", "lstm").width is None  # its own default
+    args = parse("--preset", "cpu", "--state-size", "3200")       # the state picks the key size
+    assert args.key_size is None and args.width == 128
 
 
-def test_in_context_classifier_splits_a_long_context_into_chunks_that_fit(tmp_path, monkeypatch):
-    path = tiny_checkpoint(tmp_path / "t.pt", seq_len=10, width=16, n_layer=1, n_head=2)
-    seen = []
-    real = metatest.last_position_logits
-    monkeypatch.setattr(metatest, "last_position_logits",
-                        lambda m, xc, yc, xq, **kw: seen.append(len(yc)) or real(m, xc, yc, xq, **kw))
-    X = np.random.default_rng(0).normal(size=(25, 6))
-    clf = metatest.InContextClassifier(path, members=2).fit(X, np.arange(25) % 3)
-    proba = clf.predict_proba(X[:4])
-    assert seen == [9, 8, 8, 9, 8, 8]          # 25 rows -> 3 chunks per member, each <= seq_len - 1
-    assert proba.shape == (4, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+def test_first_line_names_the_learner_its_state_and_parameters_and_evaluations_print(tmp_path,
+                                                                                     capsys):
+    heads = TINY.index("--n-head")
+    lstm = TINY[:heads] + TINY[heads + 2:]                              # an LSTM has no heads
+    train.main([*lstm, "--model", "lstm", "--width", "8", "--n-layer", "1", "--steps", "2",
+                "--eval-every", "1", "--baselines", "off", "--out-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out.splitlines()
+    n = models.num_params(models.build("lstm", 59, 10, width=8, n_layer=1, seq_len=10))
+    assert out[0].startswith(f"preset cpu: lstm (width 8, n_layer 1; state size 16 floats; "
+                             f"{n:,} parameters) on 7x7 mnist, 2 steps or 13 minutes of 8 sequences")
+    header = gpicl.format_results(json.loads(open(tmp_path / "r" / "log.jsonl").readline())["eval"])
+    at = out.index("step 1:")                                          # the evaluation at step 1
+    assert out[at + 1:at + 1 + len(header.splitlines())] == header.splitlines()
+
+
+def test_refuses_to_write_over_a_run_or_to_continue_it_as_another(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    train.main([*TINY, "--steps", "2", "--log-every", "1", "--out-dir", out])
+    before = open(os.path.join(out, "log.jsonl")).read()
+    capsys.readouterr()
+    for argv, says in (([], "--resume"), (["--seed", "1", "--resume"], "--seed 0"),
+                       (["--width", "8", "--resume"], "another learner")):
+        with pytest.raises(SystemExit) as e:
+            train.main([*TINY, "--steps", "4", "--out-dir", out, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and says in err[0], err
+        assert open(os.path.join(out, "log.jsonl")).read() == before    # nothing lost
+
+
+def test_resume_from_weights_only_is_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    train.main([*TINY, "--steps", "1", "--out-dir", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}, out / "ckpt.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--steps", "2", "--out-dir", str(out), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "weights only" in err[0], err
+
+
+class MakesAFile:
+    """Unpickled, this calls open(path, "w"): a file appears if loading a pickle runs its code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_load_as_weights_only_refusing_code_and_cut_files(tmp_path, capsys):
+    out, marker = tmp_path / "r", tmp_path / "pickle_ran"
+    args = [*TINY, "--steps", "1", "--out-dir", str(out)]
+    train.main(args)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # what train.py saves reads back safely
+    ckpt["flags"]["note"] = MakesAFile(str(marker))
+    evil, cut = tmp_path / "evil.pt", tmp_path / "cut.pt"
+    torch.save(ckpt, evil)
+    cut.write_bytes((out / "ckpt.pt").read_bytes()[:5000])              # a copy cut short
+    capsys.readouterr()
+    for bad, why in ((evil, "refused"), (cut, "cut short or corrupted")):
+        shutil.copy(bad, out / "ckpt.pt")
+        with pytest.raises(SystemExit) as e:
+            train.main([*args, "--steps", "2", "--resume"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and why in err[0], err
+        with pytest.raises(ValueError, match=why) as e:
+            gpicl.load_learner(str(bad))
+        assert "\n" not in str(e.value)
+    assert not marker.exists()                       # nothing above ran the pickle's code...
+    torch.load(evil, weights_only=False)             # ...which an unsafe load would have run
+    assert marker.exists()
+
+
+def test_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    args = [*TINY, "--log-every", "1", "--ckpt-every", "1", "--eval-every", "1000",
+            "--schedule", "constant", "--out-dir", str(out)]
+    train.main([*args, "--steps", "1"])
+    good = (out / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def dies_mid_write(state, f):  # a kill or a full disk while the checkpoint is written
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError):
+        train.main([*args, "--steps", "2", "--resume"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (out / "ckpt.pt").read_bytes() == good                       # the last good one
+
+
+@pytest.mark.parametrize("log_every, ckpt_every", [(3, 2), (100, 1)])
+def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint_before_it(tmp_path, monkeypatch, capsys,
+                                                                     log_every, ckpt_every):
+    args = [*TINY, "--eval-every", "1000", "--log-every", str(log_every),
+            "--ckpt-every", str(ckpt_every), "--schedule", "constant"]
+    train.main([*args, "--steps", "4", "--out-dir", str(tmp_path / "good")])
+    make_tokens, calls = data.make_tokens, []
+
+    def nan_at_step_5(*a):  # NaN tokens, so a NaN loss, at step 5 (no evaluation before it)
+        calls.append(1)
+        tokens = make_tokens(*a)
+        return tokens * math.nan if len(calls) == 5 else tokens
+    monkeypatch.setattr(data, "make_tokens", nan_at_step_5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--steps", "8", "--out-dir", str(tmp_path / "nan")])
+    assert str(e.value.code).startswith("train.py: error: the loss is not finite by step")
+    ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
+    good = torch.load(tmp_path / "good" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4                        # never one of step 5 or later (log_every 3: 6)
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in good["model"].items())
+    assert all(s <= 4 for s, _ in losses(tmp_path / "nan"))       # no record of a NaN loss
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_inside_a_step_finishes_it_and_resumes_exactly(tmp_path, monkeypatch, sig):
+    args = [*TINY, "--steps", "6", "--log-every", "2", "--eval-every", "1000"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    train.main([*args, "--out-dir", whole])
+    adam_step, calls = models.Adam.step, []
+
+    def interrupt_then_step(self):  # the signal inside step 3: its loss is summed, Adam not yet run
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), sig)
+        return adam_step(self)
+    monkeypatch.setattr(models.Adam, "step", interrupt_then_step)
+    with pytest.raises(SystemExit) as stopped:
+        train.main([*args, "--out-dir", cut])
+    assert stopped.value.code == 128 + sig                      # 130 for Ctrl-C, 143 for SIGTERM
+    assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=True)["step"] == 3
+    assert signal.getsignal(sig) is not train.ask_to_stop       # the handler as it was
+    monkeypatch.undo()
+    train.main([*args, "--out-dir", cut, "--resume"])
+    assert losses(cut) == losses(whole)                         # step 3 counted once, whole
 
 
 @pytest.mark.slow
-def test_in_context_classifier_trained_learns_uci_digits_and_a_random_one_not(tmp_path):
-    # 99 context rows, 300 queries. Chance is 0.1: a learner at chance exceeds 0.2 with
-    # probability < 1e-9 (binomial, n = 300); the demo learner scores ~0.55 here.
-    torch.set_num_threads(1)
-    Xc, yc, Xq, yq = uci_split()
-    untrained = tiny_checkpoint(tmp_path / "u.pt", image_size=7, seq_len=100, width=32,
-                                n_layer=2, n_head=4)
-    acc = {}
-    for name, path in (("trained", TRAINED), ("untrained", untrained)):
-        clf = metatest.InContextClassifier(path, members=8).fit(Xc, yc)
-        acc[name] = np.mean(clf.predict(Xq) == yq)
-    assert acc["untrained"] < 0.2 < 0.35 < acc["trained"], acc
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: checkpoints fall between loss records
+def test_killed_run_resumes_with_the_same_losses(tmp_path, log_every):
+    args = [*TINY, "--steps", "60", "--log-every", str(log_every), "--ckpt-every", "5",
+            "--eval-every", "1000"]
+    whole = str(tmp_path / "whole")
+    assert run_train([*args, "--out-dir", whole]).returncode == 0
+    # the same run, killed (SIGKILL: no chance to save) after its first checkpoints
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *args, "--out-dir", cut],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(cut, "ckpt.pt")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(ckpt) and
+                                          torch.load(ckpt, weights_only=True)["step"] >= 10):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped = torch.load(ckpt, weights_only=True)["step"]
+    assert 10 <= stopped < 60
+    p = run_train([*args, "--out-dir", cut, "--resume"])
+    assert p.returncode == 0, p.stderr
+    assert losses(cut) == losses(whole)                                 # bit for bit, no duplicates
+    assert [s for s, _ in losses(cut)] == list(range(log_every, 61, log_every))
 
 
-def test_knn_and_logreg_baselines_learn_separable_classes():
-    X, y = blobs([0, 1, 2], 40, seed=2)
-    X, y = torch.tensor(X, dtype=torch.float32), torch.tensor(y.astype(int))
-    assert torch.equal(metatest.knn_predict(X, y, X, k=1), y)           # each row is its own neighbour
-    assert (metatest.knn_predict(X[:60], y[:60], X[60:], k=3) == y[60:]).float().mean() > 0.9
-    assert (metatest.logreg_predict(X[:60], y[:60], X[60:]) == y[60:]).float().mean() > 0.9
-    # and a shuffled context teaches them nothing (the checks above can fail)
-    y_bad = y[:60][torch.randperm(60, generator=torch.Generator().manual_seed(0))]
-    assert (metatest.logreg_predict(X[:60], y_bad, X[60:]) == y[60:]).float().mean() < 0.7
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_even_in_a_background_job(tmp_path):
+    # a non-interactive shell starts background jobs with SIGINT ignored; train.py re-arms it
+    out = str(tmp_path / "r")
+    proc = subprocess.Popen([PY, os.path.join(HERE, "train.py"), *TINY, "--steps", "100000",
+                             "--eval-every", "100000", "--out-dir", out], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 0):
+        time.sleep(0.05)                                                 # it is training
+    proc.send_signal(signal.SIGINT)
+    try:
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()                                                      # never left running
+    assert proc.returncode == 130 and "--resume" in stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] >= 50
+
+
+def test_time_budget_reads_durations():
+    assert [train.duration(s) for s in ("300", "300s", "5m", "1.5h", "2S", ".5m")] == \
+        [300, 300, 300, 5400, 2, 30]
+    for bad in ("5x", "1e3m5", "5ms", "", "m"):
+        with pytest.raises(ValueError):
+            train.duration(bad)
+
+
+@pytest.mark.slow
+def test_time_budget_ends_the_run_as_its_last_step_would_and_resume_continues(tmp_path):
+    # log, evaluation and checkpoint intervals far beyond the run: all three come from the budget
+    out = tmp_path / "r"
+    args = [*TINY, "--log-every", "100000", "--eval-every", "100000", "--out-dir", str(out)]
+    p = run_train([*args, "--steps", "1000000", "--time-budget", "2s"])
+    assert p.returncode == 0, p.stderr
+    summary = json.load(open(out / "summary.json"))
+    n = summary["step"]
+    assert summary["stopped_by"] == "time_budget" and 0 < n < 1000000
+    assert 2.0 <= summary["train_time_s"] < 10
+    assert f"stopped by --time-budget at step {n} of 1000000" in p.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == n and ckpt["last_logged"] == n
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert [r["step"] for r in records] == [n, n] and "loss" in records[0]
+    assert records[1]["eval"]["unseen mnist"]["last"] == summary["results"]["unseen mnist"]["last"]
+    # resumed without a budget, it runs on to --steps
+    p = run_train([*args, "--steps", str(n + 3), "--resume"])
+    assert p.returncode == 0, p.stderr
+    summary = json.load(open(out / "summary.json"))
+    assert summary["step"] == n + 3 and summary["stopped_by"] == "steps"
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "eval" in r] == [n, n + 3]
+    # resumed with one, the budget counts from the resume, not from the run's first step
+    p = run_train([*args, "--steps", "1000000", "--time-budget", "1", "--resume"])
+    assert p.returncode == 0, p.stderr
+    later = json.load(open(out / "summary.json"))
+    assert later["stopped_by"] == "time_budget" and later["step"] >= n + 3 + 3
+    assert later["train_time_s"] >= summary["train_time_s"] + 1
+
+
+@pytest.mark.slow
+def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
+    p = run_train(["--model", "lstm", "--state-size", "1024", "--steps", "1", "--batch-size", "2",
+                   "--seq-len", "10", "--eval-tasks", "1", "--eval-seqs", "2",
+                   "--out-dir", str(tmp_path / "r")])
+    assert p.returncode == 0, p.stderr
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("preset cpu: lstm (width 512, n_layer 1; state size 1,024 floats")
+    # 7x7; the meta-parameters: 2,399,754 weights less the 2,048 of the frozen bias_hh
+    assert "2,397,706 parameters" in first
+    summary = json.load(open(tmp_path / "r" / "summary.json"))
+    assert summary["state_size"] == 1024 and summary["parameters"] == 2397706
+
+
+# Data parallel: torchrun with two CPU processes (gloo) trains exactly as one process does
+
+DDP_TINY = ["--model", "transformer", "--width", "32", "--n-layer", "1", "--n-head", "2",
+            "--image-size", "7", "--seq-len", "10", "--batch-size", "8", "--steps", "2",
+            "--log-every", "1", "--eval-every", "2", "--eval-tasks", "2", "--eval-seqs", "4",
+            "--eval-datasets", "", "--threads", "1"]
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(HERE, "train.py")]
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_like_one(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    p1 = subprocess.run([PY, os.path.join(HERE, "train.py"), *DDP_TINY, "--out-dir", one],
+                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p1.returncode == 0, p1.stderr
+    p2 = subprocess.run([*TORCHRUN, *DDP_TINY, "--out-dir", two],
+                        capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p2.returncode == 0, p2.stdout[-2000:] + p2.stderr[-2000:]
+    assert p2.stdout.count("preset cpu:") == 1, p2.stdout                # said once, by rank 0
+    # one record per step (only rank 0 writes), and the same losses: step 1 checks that the two
+    # halves of the meta-batch are the single run's batch and that the loss is averaged over
+    # ranks; step 2 that the gradients were averaged too (summed, or not reduced, it differs)
+    a, b = losses(one), losses(two)
+    assert [s for s, _ in b] == [1, 2] == [s for s, _ in a]
+    for (_, la), (_, lb) in zip(a, b):
+        assert lb == pytest.approx(la, rel=1e-5), (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_under_torchrun_stops_every_rank_at_one_step(tmp_path, sig):
+    # torchrun passes SIGINT or SIGTERM on to the ranks; each may get it in a different step, so
+    # they agree at the next loss record (an all-reduce): one checkpoint, no rank left waiting
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "r"
+    run = [*TORCHRUN, *DDP_TINY, "--log-every", "10", "--eval-every", "100000"]
+    proc = subprocess.Popen([*run, "--steps", "100000", "--out-dir", str(out)], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and
+                                          (out / "log.jsonl").stat().st_size > 0):
+        time.sleep(0.05)                                                 # both ranks train
+    proc.send_signal(sig)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert output.count("interrupted at step") == 1, output[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] % 10 == 0 and ckpt["last_logged"] == ckpt["step"] and ckpt["step"] >= 10
+    p = subprocess.run([*run, "--steps", str(ckpt["step"] + 10), "--out-dir", str(out), "--resume"],
+                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert [s for s, _ in losses(out)] == list(range(10, ckpt["step"] + 11, 10))
+
+
+@pytest.mark.slow
+def test_time_budget_under_torchrun_stops_every_rank_at_one_step(tmp_path):
+    # rank 0 decides at a loss record's all-reduce; a rank that stopped alone would leave the
+    # other waiting in the next all-reduce (the test's timeout)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "r"
+    p = subprocess.run([*TORCHRUN, *DDP_TINY, "--log-every", "10", "--eval-every", "100000",
+                        "--steps", "100000", "--time-budget", "2", "--out-dir", str(out)],
+                       capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count("stopped by --time-budget") == 1, p.stdout[-2000:]
+    summary = json.load(open(out / "summary.json"))
+    n = summary["step"]
+    assert summary["stopped_by"] == "time_budget" and n % 10 == 0 and 10 <= n < 100000
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == n
+    records = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert records[-1]["step"] == n and "eval" in records[-1]
+    assert [r["step"] for r in records if "loss" in r] == list(range(10, n + 1, 10))

@@ -1,14 +1,15 @@
 """
 Reproduce the paper's findings, one command each (Kirsch et al. 2022, sections 3-4).
 
-    python experiments.py transitions    [--scale cpu|gpu] [--jobs 2] [--out results/transitions.jsonl]
-    python experiments.py state_size     ...
-    python experiments.py plateaus       ...
-    python experiments.py learning_curves ...
-    python experiments.py lstm_levers     ...  # the search for an LSTM that learns on a CPU
-    python experiments.py NAME --plot    # results/NAME.png, drawn from the JSONL alone
-    python experiments.py run RUN_DIR    # one run's learning curves: RUN_DIR/curves.png
+    python experiments/findings.py transitions  [--scale cpu|gpu] [--jobs 2] [--out FILE.jsonl]
+    python experiments/findings.py state_size   ...
+    python experiments/findings.py plateaus     ...
+    python experiments/findings.py learning_curves ...
+    python experiments/findings.py lstm_levers  ...  # the search for an LSTM that learns on a CPU
+    python experiments/findings.py NAME --plot  # results/NAME.png, drawn from the JSONL alone
+    python experiments/findings.py run RUN_DIR  # one run's learning curves: RUN_DIR/curves.png
 
+results/ and runs/ are the repository's (the folder above this one), wherever the command runs.
 Every run is `train.py` in a subprocess (one CPU thread at the cpu scale) writing into
 runs/exp/NAME[_gpu]/RUN_ID; when it finishes, one JSON record goes into the results file: the
 sweep's variables, the flags, summary.json, the loss curve (at most 1,000 points) and the
@@ -16,16 +17,17 @@ evaluations (every eval of training: first, last, improvement; the final one in 
 its per-position curves). A run whose id is already in the file is skipped, and an interrupted
 run is continued with --resume, so a sweep is resumable by just running the command again.
 
-Scales. `cpu`: the cpu preset's recipe, the one that learns MNIST in context on 2 cores (7x7
-MNIST, sequences of 100, fresh tasks unless swept, a 2-layer Transformer 128 wide unless swept,
-batch 128, lr 2e-3 after 100 warm-up steps, 3,000 steps), one thread per run, two runs at a
-time (--jobs 2). A Transformer run of 3,000 steps is about 13 minutes alone on 2 threads; with
-one thread each and two at a time it trained 9-15 minutes at width 16, 15-28 at width 64 and
-27-42 at width 128 (measured: train_time_s in every sweep's results/ records).
-The other learners get the preset's budget instead of steps (batch 64, 13 minutes each). Every
-run's record lists every flag it used (summary.json's "flags"). `gpu`: the authors' code
-defaults where known, ours elsewhere (MNIST 14x14, sequences of 100, meta-batch 128 in 16 task
-slots, 50k steps, Transformer d256 x 4 layers unless swept); run it with --jobs 1 on one GPU.
+Scales. `cpu`: the cpu preset's recipe (train.PRESETS["cpu"]), the one that learns MNIST in
+context on 2 cores (7x7 MNIST, sequences of 100, fresh tasks unless swept, a 2-layer Transformer
+128 wide unless swept, batch 128, lr 2e-3 after 100 warm-up steps, 3,000 steps), one thread per
+run, two runs at a time (--jobs 2). A Transformer run of 3,000 steps is about 13 minutes alone
+on 2 threads; with one thread each and two at a time it trained 9-15 minutes at width 16, 15-28
+at width 64 and 27-42 at width 128 (measured: train_time_s in every sweep's results/ records).
+The other learners get the preset's budget instead of steps (train.OTHER_LEARNERS_CPU: batch
+64, 13 minutes each). Every run's record lists every flag it used (summary.json's "flags").
+`gpu`: the paper preset, the authors' code defaults where known, ours elsewhere (MNIST 14x14,
+sequences of 100, meta-batch 128 in 16 task slots, 50k steps, Transformer 4 layers unless
+swept); run it with --jobs 1 on one GPU.
 The GPU times in each docstring are ESTIMATES (one H100, ~10-20 ms per step at d256/B128/T100
 with bf16), not measured.
 
@@ -47,39 +49,49 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import Parser, check_out_file, positive_int
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules live one folder up
+import data
+import models
+import train
+from metatest import check_out_file  # the folder's checks of a command line
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py, results/, runs/
 WINDOW, DELTA, CHANCE = 5, 0.1, 0.1
 PLATEAU_LOSS = math.log(10)
 
 # -----------------------------------------------------------------------------
 # The sweeps: each returns [(params, flags)]; params are the swept variables (they name the run)
 
-# Every sweep names its preset and the flags that shape its meta-batches, so that it runs the
-# same on any machine (without --preset, train.py picks paper on a GPU and cpu elsewhere)
-CPU = ["--preset", "cpu", "--seqs-per-task", "1", "--schedule", "wsd", "--adam-eps-root", "0",
-       "--device", "cpu", "--threads", "1", "--dataset", "mnist", "--image-size", "7",
-       "--seq-len", "100", "--eval-datasets", "uci_digits", "--eval-tasks", "16",
-       "--eval-seqs", "32", "--log-every", "20", "--lr", "2e-3", "--warmup", "100",
-       "--batch-size", "128", "--steps", "3000", "--eval-every", "500"]
-# the cpu preset's budget for a learner other than the Transformer: 13 minutes at batch 64
-CPU_OTHER_LEARNER = ["--batch-size", "64", "--steps", "20000", "--time-budget", "13m",
-                     "--schedule", "constant", "--lr", "1e-3", "--warmup", "0"]
-SMALL_TRANSFORMER = dict(n_layer=2, n_head=4)  # the other learners take no layers or heads
-# gpu: 16 task slots of 8 sequences (the authors' 16 slots, at batch 128: ours)
-GPU = ["--preset", "paper", "--seqs-per-task", "8", "--schedule", "constant",
-       "--dataset", "mnist", "--image-size", "14", "--seq-len", "100", "--eval-datasets",
-       "uci_digits,random", "--log-every", "50", "--batch-size", "128", "--steps", "50000",
-       "--eval-every", "2500"]
-
 
 def flags_of(params):
-    """{'num_tasks': 16, 'width': 64} -> ['--num-tasks', '16', '--width', '64']"""
+    """{'num_tasks': 16, 'width': 64} -> ['--num-tasks', '16', '--width', '64']; None and
+    data.FRESH are 'fresh', a new task for every sequence."""
     out = []
     for k, v in params.items():
-        out += [f"--{k.replace('_', '-')}", "fresh" if v is None else str(v)]
+        out += [f"--{k.replace('_', '-')}", "fresh" if v is None or v == data.FRESH else str(v)]
     return out
+
+
+# Every sweep names its preset and passes the preset's recipe as explicit flags, so that it runs
+# the same on any machine (without --preset, train.py picks paper on a GPU and cpu elsewhere).
+# The values are train.py's (train.PRESETS), written there once; a sweep adds how it runs them:
+# on one CPU thread, UCI digits as the other dataset, a loss record every 20 steps.
+CPU_PRESET, PAPER_PRESET = train.PRESETS["cpu"], train.PRESETS["paper"]
+TRANSFORMER_SIZES = models.Transformer.defaults  # width, layers, heads, key size: not the others'
+CPU = ["--preset", "cpu", "--device", "cpu", "--threads", "1", "--dataset", "mnist",
+       "--seq-len", "100", "--eval-datasets", "uci_digits", "--log-every", "20",
+       *flags_of({k: v for k, v in CPU_PRESET.items() if k not in TRANSFORMER_SIZES})]
+# the Transformer's layers and heads at every width (the other learners take neither)
+SMALL_TRANSFORMER = {k: CPU_PRESET[k] for k in ("n_layer", "n_head")}
+# the cpu preset's budget for a learner other than the Transformer: 13 minutes at batch 64
+OTHER_LEARNER = {k: train.OTHER_LEARNERS_CPU[k]
+                 for k in ("batch_size", "steps", "time_budget", "schedule", "lr", "warmup")}
+# gpu: the paper preset's images, schedule and steps, in 16 task slots of 8 sequences (the
+# authors' 16 slots, at batch 128: ours)
+GPU = ["--preset", "paper", "--dataset", "mnist", "--seq-len", "100",
+       "--eval-datasets", "uci_digits,random", "--log-every", "50", "--batch-size", "128",
+       "--seqs-per-task", "8", "--eval-every", "2500",
+       *flags_of({k: PAPER_PRESET[k] for k in ("image_size", "schedule", "steps")})]
 
 
 def transitions(scale):
@@ -100,8 +112,7 @@ def transitions(scale):
         # preset's run reports them for all
         tasks = [1, None] + [2 ** k for k in (12, 16, 14, 8, 10, 4, 6, 2)]
         sizes = {"transformer": [16, 64, 128]}
-        extra = CPU + ["--n-layer", "2", "--n-head", "4", "--eval-every", "1000",
-                       "--baselines", "off"]
+        extra = CPU + flags_of(SMALL_TRANSFORMER) + ["--baselines", "off"]
     else:
         tasks = [2 ** k for k in range(0, 25, 2)] + [None]
         sizes, extra = {"transformer": [16, 64, 256], "mlp": [64, 256, 1024]}, GPU
@@ -135,9 +146,9 @@ def state_size(scale):
                         dict(width=64, key_size=32)]
         others = [("lstm", 512), ("outer_lstm", 32), ("fwm", 16), ("mlp", 256), ("lstm", 64),
                   ("outer_lstm", 16), ("fwm", 8)]
-        extra = CPU + ["--eval-every", "1000", "--baselines", "off"]
+        extra = CPU + ["--baselines", "off"]
         return [(dict(model="transformer", **SMALL_TRANSFORMER, **t), extra) for t in transformers] + \
-            [(dict(model=m, width=w), extra + CPU_OTHER_LEARNER) for m, w in others]
+            [(dict(model=m, width=w), extra + flags_of(OTHER_LEARNER)) for m, w in others]
     widths = {"lstm": [64, 256, 1024, 2048], "outer_lstm": [4, 8, 16, 32], "fwm": [8, 16, 32, 64]}
     extra = GPU + ["--num-tasks", str(2 ** 24)]
     return [(dict(model="transformer", width=256, key_size=k), extra) for k in (4, 8, 16, 32)] + \
@@ -160,13 +171,13 @@ def plateaus(scale):
     128), bias 0/0.1/0.25/0.9, eps_root 0, batch 32/64/256, at most 4,000 steps, stopped 300
     steps after both the plateau and the generalisation onset (9 runs; measured: 80 minutes on 2
     cores two at a time, one thread each, 0.31-0.37 s a step at batch 128).
-    gpu: MNIST 14x14 fresh tasks, d256 x 4, 50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch
+    gpu: MNIST 14x14 fresh tasks, the paper preset's d512 x 4, 50k steps, bias 0/0.1/0.25/0.9, eps_root 0, batch
     64/256/512."""
     if scale == "cpu":
         batches, roots, bias = [32, 64, 256], [0.0], [0.0, 0.1, 0.25, 0.9]
         extra = CPU + ["--schedule", "constant", "--steps", "4000", "--eval-every", "250",
                        "--eval-datasets", "", "--baselines", "off", "--width", "64",
-                       "--n-layer", "2", "--n-head", "4"]
+                       *flags_of(SMALL_TRANSFORMER)]
     else:
         batches, roots, bias = [64, 256, 512], [0.0], [0.0, 0.1, 0.25, 0.9]  # bias[0]: 0
         extra = GPU + ["--num-tasks", "fresh", "--eval-every", "500"]
@@ -183,7 +194,7 @@ def learning_curves(scale):
     0.1 at the first example to ~0.74 at the 100th on MNIST, close to SGD (0.70). cpu: the cpu
     preset as it is (`python train.py --model M`): the Transformer, the LSTM of state 1,024 and
     the outer-product LSTM (on its 13-minute budget), and plain SGD (no meta-training); about an
-    hour. gpu: MNIST 14x14, Transformer d256 x 4, LSTM 1024, 50k steps (+ lookup curriculum 5k),
+    hour. gpu: MNIST 14x14, the paper preset's Transformer (d512 x 4), LSTM 1024, 50k steps (+ lookup curriculum 5k),
     SGD and MAML (~3 GPU h). The figure draws the baselines of the evaluation (scored on the
     same sequences, gpicl.evaluate) dashed beside the learners."""
     if scale == "cpu":
@@ -218,9 +229,10 @@ def lstm_levers(scale):
     # the cpu preset gives every learner but the Transformer a 13-minute budget (the LSTM
     # reaches step ~670 in it at one thread); the levers are compared at equal steps, so the
     # budget is one that no run reaches
-    extra = (CPU + ["--batch-size", "64", "--steps", "2000", "--time-budget", "10h"]
-             if scale == "cpu" else GPU) + \
-        ["--lr", "1e-3", "--warmup", "0", "--schedule", "constant", "--baselines", "off"]
+    base = {k: OTHER_LEARNER[k] for k in ("lr", "warmup", "schedule")}     # lr 1e-3, constant
+    extra = (CPU + flags_of(dict(batch_size=OTHER_LEARNER["batch_size"], steps=2000,
+                                 time_budget="10h", eval_every=500))
+             if scale == "cpu" else GPU) + flags_of(base) + ["--baselines", "off"]
     outer, lstm = dict(model="outer_lstm", width=32), dict(model="lstm", state_size=1024)
     levers = [{}, dict(lr=3e-3), dict(bias=0.9), dict(lookup_steps=500, lookup_seq_len=20),
               dict(bias=0.9, bias_steps=1000), dict(grad_clip=1.0),
@@ -298,19 +310,17 @@ def run_one(params, flags, out_dir, stop=None, inprocess=False, python=sys.execu
     stop(log records) -> True ends the run early: SIGINT (train.py checkpoints), then a
     --resume with --steps at the checkpoint's step evaluates it and writes summary.json.
     inprocess: train.main(argv) in this process instead (no stop rule; saves torch's start-up)."""
-    cmd = [python, os.path.join(HERE, "train.py"), *flags, *flags_of(params), "--out-dir", out_dir]
+    cmd = [python, os.path.join(ROOT, "train.py"), *flags, *flags_of(params), "--out-dir", out_dir]
     if inprocess and not os.path.exists(os.path.join(out_dir, "summary.json")):
-        import train
         train.main(cmd[2:] + (["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []))
         return collect(out_dir)
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     os.makedirs(out_dir, exist_ok=True)
     with open(out_dir + ".out", "a") as f:
-        def train(extra):
-            return subprocess.Popen(cmd + extra, stdout=f, stderr=subprocess.STDOUT, env=env)
+        def start(extra):
+            return subprocess.Popen(cmd + extra, stdout=f, stderr=subprocess.STDOUT)
         if not os.path.exists(os.path.join(out_dir, "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else []
-            proc, stopped, t0 = train(resume), False, time.time()
+            proc, stopped, t0 = start(resume), False, time.time()
             log_path = os.path.join(out_dir, "log.jsonl")
             while proc.poll() is None:
                 time.sleep(5)
@@ -321,7 +331,7 @@ def run_one(params, flags, out_dir, stop=None, inprocess=False, python=sys.execu
                     stopped = True
             if stopped and proc.returncode != 0:  # 130, or interrupted while starting: finish anyway
                 step = max(r["step"] for r in read_log(out_dir))
-                proc = train(["--resume", "--steps", str(step)])
+                proc = start(["--resume", "--steps", str(step)])
                 proc.wait()
             if proc.returncode != 0:
                 raise RuntimeError(f"train.py failed ({proc.returncode}); see {out_dir}.out")
@@ -331,7 +341,7 @@ def run_one(params, flags, out_dir, stop=None, inprocess=False, python=sys.execu
 def source_commit():
     """The commit of the train.py that runs (with '+changes' if its checkout has edits), so
     that a record says what made it; None outside a git checkout."""
-    git = lambda *a: subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True)
+    git = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True)
     head = git("rev-parse", "--short", "HEAD")
     if head.returncode != 0:
         return None
@@ -364,11 +374,6 @@ def run_all(items, jobs=1, inprocess=False):
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         return list(pool.map(work, todo))
-
-
-def run_sweep(name, runs, out, runs_dir, jobs=1, scale="cpu", stop=None, inprocess=False):
-    """One experiment's runs [(params, flags)] into `out`; see run_all."""
-    return run_all([(name, scale, out, runs_dir, p, f, stop) for p, f in runs], jobs, inprocess)
 
 
 def plateau_stop(dataset, margin=300):
@@ -417,80 +422,99 @@ def dataset_of(rec):
 
 def figure_data(name, records):
     """The numbers each figure shows, from the records alone."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown experiment {name!r}")
     if not records:
         return {}
     base = dataset_of(records[0])
     others = sorted({k.split(" ", 1)[1] for r in records for k in r["final"]} - {base})
-    if name == "transitions":
-        out = {}
-        for model in sorted({r["params"]["model"] for r in records}):
-            rs = [r for r in records if r["params"]["model"] == model]
-            tasks = sorted({r["params"]["num_tasks"] for r in rs},
-                           key=lambda n: math.inf if n is None else n)
-            widths = sorted({r["params"]["width"] for r in rs})
-            at = {(r["params"]["width"], r["params"]["num_tasks"]): r["summary"] for r in rs}
-            cell = lambda w, n, f: f(at[w, n]) if (w, n) in at else None
-            grid = lambda f: [[cell(w, n, f) for n in tasks] for w in widths]  # rows: widths
-            sets = [f"seen {base}", f"unseen {base}"] + [f"unseen {o}" for o in others]
-            out[model] = dict(tasks=tasks, widths=widths, regime=grid(lambda s: s["regime"]),
-                              seen=grid(lambda s: s["results"][f"seen {base}"]["last"]),
-                              unseen=grid(lambda s: s["results"][f"unseen {base}"]["last"]),
-                              improvement={k: grid(lambda s: s["results"][k]["improvement"])
-                                           for k in sets},
-                              improvement_ci={k: grid(lambda s: s["results"][k]["improvement_ci"])
-                                              for k in sets})
-        return out
-    if name == "state_size":
-        return [dict(model=r["params"]["model"], width=r["params"]["width"],
-                     key_size=r["params"].get("key_size"), state_size=r["summary"]["state_size"],
-                     parameters=r["summary"]["parameters"],
-                     unseen=r["summary"]["results"][f"unseen {base}"]["last"],
-                     unseen_ci=r["summary"]["results"][f"unseen {base}"]["last_ci"],
-                     other={o: r["summary"]["results"][f"unseen {o}"]["last"] for o in others})
-                for r in records]
-    if name == "plateaus":
-        base_p = PLATEAU_BASE
-        out = {}
-        for var in base_p:
-            rs = sorted([r for r in records
-                         if all(r["params"][k] == v for k, v in base_p.items() if k != var)],
-                        key=lambda r: r["params"][var])
-            out[var] = dict(values=[r["params"][var] for r in rs],
-                            plateau=[plateau_length(r["loss"]) for r in rs],
-                            onset=[generalisation_onset(r) for r in rs],
-                            steps=[r["summary"]["step"] for r in rs], loss=[r["loss"] for r in rs])
-            # sequences seen before the plateau ends: a bigger batch needs fewer steps, not
-            # necessarily fewer sequences
-            out[var]["sequences"] = [p and p * r["params"]["batch_size"]
-                                     for p, r in zip(out[var]["plateau"], rs)]
-        bs = out["batch_size"]
-        pts = [(math.log(b), math.log(p)) for b, p in zip(bs["values"], bs["plateau"]) if p]
-        if len(pts) >= 2:  # least-squares slope of log plateau on log batch: the power law's exponent
-            mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
-            sxx = sum((x - mx) ** 2 for x, _ in pts)
-            bs["exponent"] = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else None
-        return out
-    if name == "lstm_levers":
-        key = f"unseen {base}"
-        lever = lambda p: ",".join(f"{k}={v}" for k, v in p.items() if k not in LEARNER_KEYS)
-        return [dict(id=r["id"], learner=r["params"]["model"], lever=lever(r["params"]) or "base",
-                     steps=r["summary"]["step"], loss=r["loss"][-1][1],
-                     plateau=plateau_length(r["loss"]), first=r["final"][key]["first"],
-                     last=r["final"][key]["last"], last_ci=r["final"][key]["last_ci"],
-                     curve=r["final"][key]["curve"], loss_curve=r["loss"]) for r in records]
-    if name == "learning_curves":
-        label = lambda p: p["model"] + (f" d{p['width']}" if "width" in p else "")
-        learners = {label(r["params"]): {k: v["curve"] for k, v in r["final"].items()}
-                    for r in records}
-        # {set: {baseline: curve}}: the baselines read only the evaluation sequences, which the
-        # runs of one sweep share (same flags), so the first run that has them speaks for all
-        baselines = {}
-        for r in records:
-            for k, v in r["final"].items():
-                for b, s in v.get("baselines", {}).items():
-                    baselines.setdefault(k, {}).setdefault(b, s["curve"])
-        return dict(learners=learners, baselines=baselines)
-    raise ValueError(f"unknown experiment {name!r}")
+    return FIGURES[name][0](records, base, others)
+
+
+def transitions_data(records, base, others):
+    """{model: grids over (width, number of tasks) of seen and unseen accuracy at the last
+    example, the regime and the gain along the sequence of every set}; None where no run yet."""
+    out = {}
+    for model in sorted({r["params"]["model"] for r in records}):
+        rs = [r for r in records if r["params"]["model"] == model]
+        tasks = sorted({r["params"]["num_tasks"] for r in rs},
+                       key=lambda n: math.inf if n is None else n)
+        widths = sorted({r["params"]["width"] for r in rs})
+        at = {(r["params"]["width"], r["params"]["num_tasks"]): r["summary"] for r in rs}
+        cell = lambda w, n, f: f(at[w, n]) if (w, n) in at else None
+        grid = lambda f: [[cell(w, n, f) for n in tasks] for w in widths]  # rows: widths
+        sets = [f"seen {base}", f"unseen {base}"] + [f"unseen {o}" for o in others]
+        out[model] = dict(tasks=tasks, widths=widths, regime=grid(lambda s: s["regime"]),
+                          seen=grid(lambda s: s["results"][f"seen {base}"]["last"]),
+                          unseen=grid(lambda s: s["results"][f"unseen {base}"]["last"]),
+                          improvement={k: grid(lambda s: s["results"][k]["improvement"])
+                                       for k in sets},
+                          improvement_ci={k: grid(lambda s: s["results"][k]["improvement_ci"])
+                                          for k in sets})
+    return out
+
+
+def state_size_data(records, base, others):
+    """One point per run: its state size, parameters and unseen accuracy at the last example."""
+    return [dict(model=r["params"]["model"], width=r["params"]["width"],
+                 key_size=r["params"].get("key_size"), state_size=r["summary"]["state_size"],
+                 parameters=r["summary"]["parameters"],
+                 unseen=r["summary"]["results"][f"unseen {base}"]["last"],
+                 unseen_ci=r["summary"]["results"][f"unseen {base}"]["last_ci"],
+                 other={o: r["summary"]["results"][f"unseen {o}"]["last"] for o in others})
+            for r in records]
+
+
+def plateaus_data(records, base, others):
+    """{factor: the runs that move it alone on PLATEAU_BASE, by its value: the plateau's end,
+    the generalisation onset, the loss curves}; for the batch size, the power law's exponent."""
+    out = {}
+    for var in PLATEAU_BASE:
+        rs = sorted([r for r in records
+                     if all(r["params"][k] == v for k, v in PLATEAU_BASE.items() if k != var)],
+                    key=lambda r: r["params"][var])
+        out[var] = dict(values=[r["params"][var] for r in rs],
+                        plateau=[plateau_length(r["loss"]) for r in rs],
+                        onset=[generalisation_onset(r) for r in rs],
+                        steps=[r["summary"]["step"] for r in rs], loss=[r["loss"] for r in rs])
+        # sequences seen before the plateau ends: a bigger batch needs fewer steps, not
+        # necessarily fewer sequences
+        out[var]["sequences"] = [p and p * r["params"]["batch_size"]
+                                 for p, r in zip(out[var]["plateau"], rs)]
+    bs = out["batch_size"]
+    pts = [(math.log(b), math.log(p)) for b, p in zip(bs["values"], bs["plateau"]) if p]
+    if len(pts) >= 2:  # least-squares slope of log plateau on log batch: the power law's exponent
+        mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        bs["exponent"] = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else None
+    return out
+
+
+def lstm_levers_data(records, base, others):
+    """One row per run: the learner, its lever, the plateau's end, the loss at the end, unseen
+    accuracy at the first and the last example."""
+    key = f"unseen {base}"
+    lever = lambda p: ",".join(f"{k}={v}" for k, v in p.items() if k not in LEARNER_KEYS)
+    return [dict(id=r["id"], learner=r["params"]["model"], lever=lever(r["params"]) or "base",
+                 steps=r["summary"]["step"], loss=r["loss"][-1][1],
+                 plateau=plateau_length(r["loss"]), first=r["final"][key]["first"],
+                 last=r["final"][key]["last"], last_ci=r["final"][key]["last_ci"],
+                 curve=r["final"][key]["curve"], loss_curve=r["loss"]) for r in records]
+
+
+def learning_curves_data(records, base, others):
+    """{learners: {run: {set: curve}}, baselines: {set: {baseline: curve}}}."""
+    label = lambda p: p["model"] + (f" d{p['width']}" if "width" in p else "")
+    learners = {label(r["params"]): {k: v["curve"] for k, v in r["final"].items()}
+                for r in records}
+    # the baselines read only the evaluation sequences, which the runs of one sweep share (same
+    # flags), so the first run that has them speaks for all
+    baselines = {}
+    for r in records:
+        for k, v in r["final"].items():
+            for b, s in v.get("baselines", {}).items():
+                baselines.setdefault(k, {}).setdefault(b, s["curve"])
+    return dict(learners=learners, baselines=baselines)
 
 
 REGIME_LETTER = {"instance memorisation": "I", "task memorisation": "T", "learning-to-learn": "L"}
@@ -503,141 +527,176 @@ def legend(a, **kw):
 
 
 def plot(name, records, path):
+    """Draw experiment `name`'s figure from its records into path (a PNG)."""
     import matplotlib  # optional: only figures need it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    d = figure_data(name, records)
-    fmt_n = lambda n: "fresh" if n is None else f"2^{int(round(math.log2(n)))}"
-    if name == "transitions":
-        models = list(d)
-        fig, ax = plt.subplots(len(models), 3, figsize=(13, 3.4 * len(models)), squeeze=False)
-        for row, m in zip(ax, models):
-            g = d[m]
-            for a, key in zip(row[:2], ("seen", "unseen")):
-                grid = [[math.nan if v is None else v for v in line] for line in g[key]]
-                im = a.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-                for i, line in enumerate(grid):
-                    for j, v in enumerate(line):
-                        if not math.isnan(v):  # a cell the sweep has not reached yet stays blank
-                            letter = REGIME_LETTER.get(g["regime"][i][j], "?")
-                            a.text(j, i, f"{v:.2f} {letter}", ha="center", va="center",
-                                   fontsize=7, color="k" if v > 0.5 else "w")
-                a.set_xticks(range(len(g["tasks"])), [fmt_n(n) for n in g["tasks"]], fontsize=7)
-                a.set_yticks(range(len(g["widths"])), g["widths"])
-                a.set(title=f"{m}: {key} tasks, acc@last", ylabel="width",
-                      xlabel="number of tasks (cell: acc, regime I/T/L)")
-            fig.colorbar(im, ax=row[1])
-            x = range(len(g["tasks"]))
-            w = max(g["widths"])
-            for k, v in g["improvement"].items():
-                i = g["widths"].index(w)
-                row[2].errorbar(x, [math.nan if u is None else u for u in v[i]],
-                                yerr=[0 if u is None else u for u in g["improvement_ci"][k][i]],
-                                label=k, marker="o")
-            for j, rg in enumerate(g["regime"][g["widths"].index(w)]):
-                row[2].text(j, -0.12, REGIME_LETTER.get(rg, "?"), ha="center", fontsize=8)
-            row[2].set_xticks(list(x), [fmt_n(n) for n in g["tasks"]], fontsize=7)
-            row[2].set(title=f"{m} d{w}: accuracy gain, last - first", ylim=(-0.2, 1),
-                       xlabel="tasks (regime: I/T instance/task memorised, L learns)")
-            row[2].axhline(0, color="k", lw=0.5)
-            row[2].legend(fontsize=7)
-    elif name == "state_size":
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-        # a series is one kind of learner widened, or a Transformer at one width over key sizes;
-        # against the state a line joins it, against the parameters it is points only
-        series = lambda p: p["model"] + (f" w{p['width']}" if p.get("key_size") else "")
-        for m in sorted({series(p) for p in d}):
-            for a, key in zip(ax, ("state_size", "parameters")):
-                ps = sorted([p for p in d if series(p) == m], key=lambda p: p[key])
-                a.errorbar([max(p[key], 1) for p in ps], [p["unseen"] for p in ps],
-                           yerr=[p["unseen_ci"] for p in ps], marker="o", label=m,
-                           ls="-" if key == "state_size" else "none", capsize=2)
-                for p in ps:  # the width (and key size) next to each point
-                    tag = f"w{p['width']}" + (f" k{p['key_size']}" if p.get("key_size") else "")
-                    a.annotate(tag, (max(p[key], 1), p["unseen"]), fontsize=7,
-                               xytext=(4, 4), textcoords="offset points")
-        for a, key in zip(ax, ("state size (floats)", "parameter count")):
-            a.set(xscale="log", xlabel=key, ylabel="accuracy @ last position",
-                  title=f"unseen tasks (meta-training dataset) vs {key.split(' (')[0]}")
-            a.axhline(CHANCE, color="k", lw=0.5, ls=":")
-            a.legend(fontsize=8)
-    elif name == "plateaus":
-        fig, ax = plt.subplots(2, 3, figsize=(14, 7))
-        for col, (var, g) in enumerate(d.items()):
-            for v, loss in zip(g["values"], g["loss"]):
-                ax[0, col].plot([s for s, _ in loss], [l for _, l in loss], lw=0.8, label=f"{var}={v}")
-            ax[0, col].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
-            low = min([PLATEAU_LOSS - 0.5] + [l for loss in g["loss"] for _, l in loss])
-            ax[0, col].set(title=f"training loss, varying {var}", xlabel="step",
-                           ylim=(low - 0.05, PLATEAU_LOSS + 0.3))
-            legend(ax[0, col], fontsize=7)
-            categorical = var != "batch_size"  # bias and eps_root include 0: no log axis
-            xs = list(range(len(g["values"]))) if categorical else g["values"]
-            for key, mk, c in (("plateau", "o", "C0"), ("onset", "s", "C1")):
-                done = [(x, p) for x, p in zip(xs, g[key]) if p]
-                never = [(x, s) for x, p, s in zip(xs, g[key], g["steps"]) if not p]
-                for pts, fill, what in ((done, c, key), (never, "none", f"no {key} end by step")):
-                    if pts:
-                        ax[1, col].scatter(*zip(*pts), marker=mk, facecolors=fill, edgecolors=c,
-                                           label=what)
-            ax[1, col].set(xlabel=var, ylabel="step", title=f"plateau length vs {var}" +
-                           (f" (slope {g['exponent']:.2f})" if g.get("exponent") is not None else ""))
-            if not categorical:
-                for x, p, n in zip(xs, g["plateau"], g["sequences"]):
-                    if p:
-                        ax[1, col].annotate(f"{n / 1000:.0f}k sequences", (x, p), fontsize=7,
-                                            xytext=(0, 7), textcoords="offset points",
-                                            ha="center")
-                ax[1, col].set(xscale="log", yscale="log")
-                ax[1, col].margins(x=0.15, y=0.1)
-                ax[1, col].minorticks_off()
-                lo, hi = ax[1, col].get_ylim()
-                ticks = [t for t in (m * 10 ** k for k in range(2, 6) for m in (1, 2, 3, 5, 7))
-                         if lo <= t <= hi]
-                ax[1, col].set_yticks(ticks, [str(t) for t in ticks])
-                ax[1, col].set_xticks(xs, [str(v) for v in xs])
-            else:
-                ax[1, col].set_xticks(xs, g["values"])
-            legend(ax[1, col], fontsize=7)
-    elif name == "lstm_levers":
-        fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-        colour = {l: f"C{i}" for i, l in enumerate(dict.fromkeys(r["lever"] for r in d))}
-        for r in d:  # a colour per lever; the LSTM solid, the outer-product LSTM dashed
-            ls, c = "--" if r["learner"] == "outer_lstm" else "-", colour[r["lever"]]
-            ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, ls=ls, color=c,
-                       label=f"{r['learner']} {r['lever']}")
-            ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=c, lw=1, ls=ls)
-        ax[0].axhline(PLATEAU_LOSS, color="k", lw=0.5)
-        ax[0].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
-        ax[0].set(title="training loss (black: ln 10; dotted: the plateau's end)", xlabel="step",
-                  ylim=(min([PLATEAU_LOSS - 0.3] + [l for r in d for _, l in r["loss_curve"]]),
-                        PLATEAU_LOSS + 0.1))                 # zoomed on the plateau unless left
-        ax[0].legend(fontsize=6, ncol=2)
-        ax[1].axhline(CHANCE, color="k", lw=0.5, ls=":")
-        ax[1].set(title="unseen tasks, the last evaluation", xlabel="examples seen",
-                  ylabel="accuracy", ylim=(0, 1))
-    elif name == "learning_curves":
-        sets = sorted({k for v in d["learners"].values() for k in v})
-        fig, ax = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.4), squeeze=False)
-        for a, s in zip(ax[0], sets):
-            for rid, curves in d["learners"].items():
-                if s in curves:
-                    a.plot(range(1, len(curves[s]) + 1), curves[s], label=rid)
-            for (b, c), color in zip(d["baselines"].get(s, {}).items(), ("0.3", "0.6", "0.8")):
-                a.plot(range(1, len(c) + 1), c, ls="--", color=color, lw=1, label=f"{b} (baseline)")
-            a.set(title=s, xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
-            a.axhline(CHANCE, color="k", lw=0.5, ls=":")
-        lines = {l.get_label(): l for a in ax[0] for l in a.get_lines()
-                 if not l.get_label().startswith("_")}               # every run and baseline, once
-        ax[0, 0].legend(lines.values(), lines.keys(), fontsize=7)
+    fig = FIGURES[name][1](plt, figure_data(name, records))
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)
     return path
 
 
+def tasks_label(n):
+    return "fresh" if n is None else f"2^{int(round(math.log2(n)))}"
+
+
+def draw_transitions(plt, d):
+    """Per model: heatmaps of seen and unseen accuracy (width x tasks, each cell's regime), and
+    the widest model's gain along the sequence by the number of tasks."""
+    fig, ax = plt.subplots(len(d), 3, figsize=(13, 3.4 * len(d)), squeeze=False)
+    for row, (m, g) in zip(ax, d.items()):
+        for a, key in zip(row[:2], ("seen", "unseen")):
+            grid = [[math.nan if v is None else v for v in line] for line in g[key]]
+            im = a.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+            for i, line in enumerate(grid):
+                for j, v in enumerate(line):
+                    if not math.isnan(v):  # a cell the sweep has not reached yet stays blank
+                        letter = REGIME_LETTER.get(g["regime"][i][j], "?")
+                        a.text(j, i, f"{v:.2f} {letter}", ha="center", va="center",
+                               fontsize=7, color="k" if v > 0.5 else "w")
+            a.set_xticks(range(len(g["tasks"])), [tasks_label(n) for n in g["tasks"]], fontsize=7)
+            a.set_yticks(range(len(g["widths"])), g["widths"])
+            a.set(title=f"{m}: {key} tasks, acc@last", ylabel="width",
+                  xlabel="number of tasks (cell: acc, regime I/T/L)")
+        fig.colorbar(im, ax=row[1])
+        x, i = range(len(g["tasks"])), g["widths"].index(max(g["widths"]))
+        for k, v in g["improvement"].items():
+            row[2].errorbar(x, [math.nan if u is None else u for u in v[i]],
+                            yerr=[0 if u is None else u for u in g["improvement_ci"][k][i]],
+                            label=k, marker="o")
+        for j, rg in enumerate(g["regime"][i]):
+            row[2].text(j, -0.12, REGIME_LETTER.get(rg, "?"), ha="center", fontsize=8)
+        row[2].set_xticks(list(x), [tasks_label(n) for n in g["tasks"]], fontsize=7)
+        row[2].set(title=f"{m} d{g['widths'][i]}: accuracy gain, last - first", ylim=(-0.2, 1),
+                   xlabel="tasks (regime: I/T instance/task memorised, L learns)")
+        row[2].axhline(0, color="k", lw=0.5)
+        row[2].legend(fontsize=7)
+    return fig
+
+
+def draw_state_size(plt, d):
+    """Unseen accuracy at the last example against the state size and against the parameters."""
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    # a series is one kind of learner widened, or a Transformer at one width over key sizes;
+    # against the state a line joins it, against the parameters it is points only
+    series = lambda p: p["model"] + (f" w{p['width']}" if p.get("key_size") else "")
+    for m in sorted({series(p) for p in d}):
+        for a, key in zip(ax, ("state_size", "parameters")):
+            ps = sorted([p for p in d if series(p) == m], key=lambda p: p[key])
+            a.errorbar([max(p[key], 1) for p in ps], [p["unseen"] for p in ps],
+                       yerr=[p["unseen_ci"] for p in ps], marker="o", label=m,
+                       ls="-" if key == "state_size" else "none", capsize=2)
+            for p in ps:  # the width (and key size) next to each point
+                tag = f"w{p['width']}" + (f" k{p['key_size']}" if p.get("key_size") else "")
+                a.annotate(tag, (max(p[key], 1), p["unseen"]), fontsize=7,
+                           xytext=(4, 4), textcoords="offset points")
+    for a, key in zip(ax, ("state size (floats)", "parameter count")):
+        a.set(xscale="log", xlabel=key, ylabel="accuracy @ last position",
+              title=f"unseen tasks (meta-training dataset) vs {key.split(' (')[0]}")
+        a.axhline(CHANCE, color="k", lw=0.5, ls=":")
+        a.legend(fontsize=8)
+    return fig
+
+
+def draw_plateaus(plt, d):
+    """Per factor: the training loss as it moves, and the step each plateau (and the
+    generalisation onset) ends, open where it does not within the run."""
+    fig, ax = plt.subplots(2, 3, figsize=(14, 7))
+    for col, (var, g) in enumerate(d.items()):
+        for v, loss in zip(g["values"], g["loss"]):
+            ax[0, col].plot([s for s, _ in loss], [l for _, l in loss], lw=0.8, label=f"{var}={v}")
+        ax[0, col].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
+        low = min([PLATEAU_LOSS - 0.5] + [l for loss in g["loss"] for _, l in loss])
+        ax[0, col].set(title=f"training loss, varying {var}", xlabel="step",
+                       ylim=(low - 0.05, PLATEAU_LOSS + 0.3))
+        legend(ax[0, col], fontsize=7)
+        categorical = var != "batch_size"  # bias and eps_root include 0: no log axis
+        xs = list(range(len(g["values"]))) if categorical else g["values"]
+        for key, mk, c in (("plateau", "o", "C0"), ("onset", "s", "C1")):
+            done = [(x, p) for x, p in zip(xs, g[key]) if p]
+            never = [(x, s) for x, p, s in zip(xs, g[key], g["steps"]) if not p]
+            for pts, fill, what in ((done, c, key), (never, "none", f"no {key} end by step")):
+                if pts:
+                    ax[1, col].scatter(*zip(*pts), marker=mk, facecolors=fill, edgecolors=c,
+                                       label=what)
+        ax[1, col].set(xlabel=var, ylabel="step", title=f"plateau length vs {var}" +
+                       (f" (slope {g['exponent']:.2f})" if g.get("exponent") is not None else ""))
+        if categorical:
+            ax[1, col].set_xticks(xs, g["values"])
+        else:
+            batch_axis(ax[1, col], xs, g)
+        legend(ax[1, col], fontsize=7)
+    return fig
+
+
+def batch_axis(a, xs, g):
+    """The plateau against the batch size on log-log axes, each end marked with the sequences
+    seen by then."""
+    for x, p, n in zip(xs, g["plateau"], g["sequences"]):
+        if p:
+            a.annotate(f"{n / 1000:.0f}k sequences", (x, p), fontsize=7, xytext=(0, 7),
+                       textcoords="offset points", ha="center")
+    a.set(xscale="log", yscale="log")
+    a.margins(x=0.15, y=0.1)
+    a.minorticks_off()
+    lo, hi = a.get_ylim()
+    ticks = [t for t in (m * 10 ** k for k in range(2, 6) for m in (1, 2, 3, 5, 7)) if lo <= t <= hi]
+    a.set_yticks(ticks, [str(t) for t in ticks])
+    a.set_xticks(xs, [str(v) for v in xs])
+
+
+def draw_lstm_levers(plt, d):
+    """The training loss zoomed on the plateau, and unseen accuracy along the sequence: a colour
+    per lever, the LSTM solid, the outer-product LSTM dashed."""
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    colour = {l: f"C{i}" for i, l in enumerate(dict.fromkeys(r["lever"] for r in d))}
+    for r in d:
+        ls, c = "--" if r["learner"] == "outer_lstm" else "-", colour[r["lever"]]
+        ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, ls=ls, color=c,
+                   label=f"{r['learner']} {r['lever']}")
+        ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=c, lw=1, ls=ls)
+    ax[0].axhline(PLATEAU_LOSS, color="k", lw=0.5)
+    ax[0].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
+    ax[0].set(title="training loss (black: ln 10; dotted: the plateau's end)", xlabel="step",
+              ylim=(min([PLATEAU_LOSS - 0.3] + [l for r in d for _, l in r["loss_curve"]]),
+                    PLATEAU_LOSS + 0.1))                 # zoomed on the plateau unless left
+    ax[0].legend(fontsize=6, ncol=2)
+    ax[1].axhline(CHANCE, color="k", lw=0.5, ls=":")
+    ax[1].set(title="unseen tasks, the last evaluation", xlabel="examples seen",
+              ylabel="accuracy", ylim=(0, 1))
+    return fig
+
+
+def draw_learning_curves(plt, d):
+    """Accuracy along the sequence per set, every learner beside the baselines (dashed)."""
+    sets = sorted({k for v in d["learners"].values() for k in v})
+    fig, ax = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.4), squeeze=False)
+    for a, s in zip(ax[0], sets):
+        for rid, curves in d["learners"].items():
+            if s in curves:
+                a.plot(range(1, len(curves[s]) + 1), curves[s], label=rid)
+        for (b, c), color in zip(d["baselines"].get(s, {}).items(), ("0.3", "0.6", "0.8")):
+            a.plot(range(1, len(c) + 1), c, ls="--", color=color, lw=1, label=f"{b} (baseline)")
+        a.set(title=s, xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
+        a.axhline(CHANCE, color="k", lw=0.5, ls=":")
+    lines = {l.get_label(): l for a in ax[0] for l in a.get_lines()
+             if not l.get_label().startswith("_")}               # every run and baseline, once
+    ax[0, 0].legend(lines.values(), lines.keys(), fontsize=7)
+    return fig
+
+
+# each experiment's figure: (its numbers from the records, its drawing from those numbers)
+FIGURES = {"transitions": (transitions_data, draw_transitions),
+           "state_size": (state_size_data, draw_state_size),
+           "plateaus": (plateaus_data, draw_plateaus),
+           "lstm_levers": (lstm_levers_data, draw_lstm_levers),
+           "learning_curves": (learning_curves_data, draw_learning_curves)}
+
+
 # -----------------------------------------------------------------------------
-# One run's figure: `python experiments.py run RUN_DIR` draws RUN_DIR/log.jsonl
+# One run's figure: `python experiments/findings.py run RUN_DIR` draws RUN_DIR/log.jsonl
 
 BASELINE_STYLE = {"1-NN": ("C1", "--"), "logistic regression": ("C2", "--"), "SGD": ("C3", ":")}
 
@@ -691,32 +750,36 @@ def plot_run(records, path, title=""):
     return path
 
 
-def main_run(argv):
-    p = Parser(prog="experiments.py run", description="Draw one run's learning curves, the "
-               "learner beside the baselines on the same sequences, from its log.jsonl.")
+def run_parser():
+    p = train.Parser(prog="findings.py run", description="Draw one run's learning curves, the "
+                     "learner beside the baselines on the same sequences, from its log.jsonl.")
     p.add_argument("run_dir", help="a train.py --out-dir")
     p.add_argument("--out", help="the PNG (default RUN_DIR/curves.png)")
     p.add_argument("--title", default="", help="a line above the panels")
+    return p
+
+
+def main_run(argv):
+    p = run_parser()
     a = p.parse_args(argv)
-    out = a.out or os.path.join(a.run_dir, "curves.png")
+    out = os.path.join(a.run_dir, "curves.png") if a.out is None else a.out
     check_out_file(p, "--out", out, make_folder=True)
     log = os.path.join(a.run_dir, "log.jsonl")
     if not os.path.isfile(log):
-        p.error(f"{a.run_dir}: no log.jsonl there; is it a train.py --out-dir?")
+        p.error(f"{a.run_dir!r}: no log.jsonl there; is it a train.py --out-dir?")
     try:
         records = read_records(log)
         print(plot_run(records, out, a.title))
     except (OSError, ValueError, KeyError) as e:
-        p.error(f"{a.run_dir}: {getattr(e, 'strerror', None) or e}")
+        p.error(f"{a.run_dir!r}: {getattr(e, 'strerror', None) or e}")
 
 
 def get_parser():
-    p = Parser(prog="experiments.py", description=__doc__.split("\n")[1])
+    p = train.Parser(prog="findings.py", description=__doc__.split("\n")[1])
     p.add_argument("name", choices=list(EXPERIMENTS) + ["all"], help="an experiment, or all of them")
     p.add_argument("--scale", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--out", help="results file (default results/NAME.jsonl, or NAME_gpu.jsonl)")
-    p.add_argument("--jobs", type=positive_int, default=2,
-                   help="runs at a time (all experiments share them)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (all experiments share them)")
     p.add_argument("--plot", action="store_true", help="draw results/NAME.png from the results file")
     return p
 
@@ -727,10 +790,12 @@ def main(argv=None):
         return main_run(argv[1:])
     p = get_parser()
     a = p.parse_args(argv)
+    if not 1 <= a.jobs < 2 ** 31:
+        p.error(f"--jobs {a.jobs} is not a positive number below 2**31")
     names = list(EXPERIMENTS) if a.name == "all" else [a.name]
     suffix = "" if a.scale == "cpu" else "_gpu"
     outs = {n: a.out if a.out is not None and a.name != "all" else
-            os.path.join(HERE, "results", f"{n}{suffix}.jsonl")
+            os.path.join(ROOT, "results", f"{n}{suffix}.jsonl")
             for n in names}
     records = {}
     for n in names:  # every results file checked before any run starts or any figure is drawn
@@ -739,20 +804,21 @@ def main(argv=None):
         try:
             records[n] = read_records(outs[n])
         except (OSError, ValueError) as e:  # a folder, unreadable, not JSON, not UTF-8
-            p.error(f"--out {outs[n]}: {getattr(e, 'strerror', None) or e}")
+            p.error(f"--out {outs[n]!r}: {getattr(e, 'strerror', None) or e}")
     if a.plot:
         for n in names:
             if not records[n]:
-                p.error(f"no results in {outs[n]} yet; run `python experiments.py {n}` first")
+                p.error(f"no results in {outs[n]} yet; run `python experiments/findings.py {n}` first")
             print(plot(n, records[n], os.path.splitext(outs[n])[0] + ".png"))
         return
     items = []
     for n in names:
         runs = EXPERIMENTS[n](a.scale)
         stop = plateau_stop(dataset_of(dict(flags=runs[0][1]))) if n == "plateaus" else None
-        items += [(n, a.scale, outs[n], os.path.join(HERE, "runs", "exp", n + suffix), p, f, stop)
+        items += [(n, a.scale, outs[n], os.path.join(ROOT, "runs", "exp", n + suffix), p, f, stop)
                   for p, f in runs]
     run_all(items, a.jobs)
+
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 """
 Benchmark: is our meta-training step as fast as plain PyTorch's, and is making tasks cheap?
 
-    python bench.py --threads 1                                  # CPU, a small meta-batch
-    python bench.py --device cuda --batch-size 128 --compile     # the cpu preset's batch, on a GPU
-    python bench.py --image-size 28 --out bench.json             # full-size MNIST tasks, JSON too
+    python experiments/bench.py --threads 1                               # CPU, a small meta-batch
+    python experiments/bench.py --device cuda --batch-size 128 --compile  # the cpu preset's batch
+    python experiments/bench.py --image-size 28 --out bench.json          # 28x28 tasks, JSON too
 
 Two comparisons, each against a plain-PyTorch reference run in the same process on the same
 inputs, timed as the median over --repeats repeats of --steps calls each (warm-up excluded):
@@ -27,7 +27,7 @@ inputs, timed as the median over --repeats repeats of --steps calls each (warm-u
 The GPU suite, one command for the numbers a GPU should give this project (about 8 minutes on
 one GPU; --dry-run: tiny sizes on the CPU in under a minute, to check the plumbing):
 
-    python bench.py suite --out DIR [--dry-run] [-- more train.py flags, e.g. --compile]
+    python experiments/bench.py suite --out DIR [--dry-run] [-- more train.py flags, e.g. --compile]
 
 It runs four stages, each a subprocess with its own time limit (one slow stage cannot eat the
 others' time; a failed one is recorded and the suite carries on), in this order:
@@ -68,40 +68,46 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import configurator
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules live one folder up
 import data
 import models
-from configurator import MAX_TASKS
-from harness import (Parser, check_device, check_out_file, duration, image_size_int, layer_count,
-                     nonneg_int, out_of_memory_in_one_line, positive_float, positive_int,
-                     thread_count, typed)
+import train
+from metatest import COUNT, check_device, check_out_file, check_ranges, out_of_memory_in_one_line
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # this folder: bench.py and metatest.py
+ROOT = os.path.dirname(HERE)                         # the repository: train.py
 
 
 def get_parser():
-    p = Parser(description="Time our training step and task generation against plain PyTorch.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = train.Parser(prog="bench.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     description="Time our training step and task generation against plain PyTorch.")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), or a torch device")
-    p.add_argument("--batch-size", type=positive_int,
+    p.add_argument("--batch-size", type=int,
                    help="sequences per step (default: 128 on cuda, 16 on cpu)")
-    p.add_argument("--image-size", type=image_size_int, default=14, help="N_x = image_size^2")
-    p.add_argument("--seq-len", type=positive_int, default=100, help="examples per sequence")
-    p.add_argument("--width", type=positive_int, default=256, help="d_model")
-    p.add_argument("--n-layer", type=layer_count, default=4, help="layers")
-    p.add_argument("--n-head", type=positive_int, default=8, help="attention heads")
-    p.add_argument("--num-tasks", default=2 ** 25,
-                   type=typed(int, lambda v: 0 < v <= MAX_TASKS, "a number of tasks in [1, 2**62]"),
-                   help="task ids are drawn below this")
-    p.add_argument("--steps", type=positive_int, default=3, help="timed calls per repeat")
-    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed calls first (compilation)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="repeats; the median is reported")
+    p.add_argument("--image-size", type=int, default=14, help="N_x = image_size^2")
+    p.add_argument("--seq-len", type=int, default=100, help="examples per sequence")
+    p.add_argument("--width", type=int, default=256, help="d_model")
+    p.add_argument("--n-layer", type=int, default=4, help="layers")
+    p.add_argument("--n-head", type=int, default=8, help="attention heads")
+    p.add_argument("--num-tasks", type=int, default=2 ** 25, help="task ids are drawn below this")
+    p.add_argument("--steps", type=int, default=3, help="timed calls per repeat")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats; the median is reported")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both models")
-    p.add_argument("--peak-tflops", type=positive_float, default=989.0,
+    p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's peak for MFU (H100 SXM bf16 dense: 989)")
-    p.add_argument("--threads", type=thread_count,
-                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="also write the results here as JSON")
     return p
+
+
+# Each number's range (COUNT: below 2**31, where torch's C ints overflow). Beyond 1,024 an
+# image side (N_x = size^2 is one side of a matrix) or a depth overflows or takes hours to
+# build; beyond 256 threads OpenMP aborts the process. Task ids have 62 random bits (data.FRESH).
+RANGES = dict(batch_size=COUNT, image_size=(1, 1024), seq_len=COUNT, width=COUNT,
+              n_layer=(1, 1024), n_head=COUNT, num_tasks=(1, data.FRESH), steps=COUNT,
+              warmup=(0, 2 ** 31 - 1), repeats=COUNT, peak_tflops=(1e-3, 1e6), threads=(1, 256))
 
 
 # -----------------------------------------------------------------------------
@@ -171,62 +177,99 @@ def main(argv=None):
 
 
 def bench(argv):
+    """The step and task generation timed against their references; the result's dict."""
+    args = parse_bench(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    timer = functools.partial(timed, warmup=args.warmup, repeats=args.repeats, sync=sync)
+    x_train, y_train = mnist_train(args.image_size, args.device)  # (N, N_x), (N,)
+    ours, ref, batches, same = build_pair(args, x_train, y_train)
+    if cuda:  # then as train.py: TF32 matmuls (after the fp32 comparison) and bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    step, step_ratio = time_steps(args, {"ours": ours, "ref": ref}, batches, timer, cuda)
+    tasks, task_ratio = time_tasks(args, x_train, y_train, timer)
+    share = tasks["ours_sample_sequences"] / (tasks["ours_sample_sequences"] + step["ours"]["ms"])
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result = dict(flags=dict(vars(args), n_x=args.image_size ** 2, params=models.num_params(ours),
+                             threads=torch.get_num_threads(), torch=torch.__version__),
+                  max_abs_logit_diff=same, step=step, step_ratio=step_ratio, tasks_ms=tasks,
+                  task_ratio=task_ratio, task_share=share,
+                  process_peak_rss_mib=None if cuda else rss)
+    print_report(result, cuda)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def parse_bench(argv):
+    """The flags, every one checked before any work; the batch size filled in for the device."""
     parser = get_parser()
     args = parser.parse_args(argv)
+    check_ranges(parser, args, RANGES)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(parser, args.device)
-    device_type = torch.device(args.device).type
     if args.out is not None:
         check_out_file(parser, "--out", args.out)
-    cuda = device_type == "cuda"
-    B = args.batch_size or (128 if cuda else 16)
-    T, n_x, seed = args.seq_len, args.image_size ** 2, 0
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if cuda else nullcontext()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def timed(fns, calls):
-        """{name: median over repeats of the seconds per call of fn(i)}, and every repeat's.
-        The functions take turns within each repeat, so a busy machine slows them alike."""
-        for fn in fns.values():
-            for i in range(args.warmup):
-                fn(i)
-        times = {name: [] for name in fns}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                sync()
-                t0 = time.perf_counter()
-                for i in range(calls):
-                    fn(i)
-                sync()
-                times[name].append((time.perf_counter() - t0) / calls)
-        return {name: statistics.median(t) for name, t in times.items()}, times
-
-    # --- the two models, built as train.py builds ours, with the same weights
-    n_in = n_x + data.NUM_CLASSES
     if args.width % args.n_head:  # torch.nn's attention splits the width into the heads
         parser.error(f"--width {args.width} is not a multiple of --n-head {args.n_head}: the "
                      "reference's heads split the width, so ours get key_size = width / n_head")
+    args.batch_size = args.batch_size or (128 if torch.device(args.device).type == "cuda" else 16)
+    return args
+
+
+def timed(fns, calls, warmup, repeats, sync):
+    """{name: median over repeats of the seconds per call of fn(i)}, and every repeat's.
+    The functions take turns within each repeat, so a busy machine slows them alike."""
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(i)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for i in range(calls):
+                fn(i)
+            sync()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def paired(times, a, b):
+    """The median of the ratios a / b, paired within each repeat."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def build_pair(args, x_train, y_train):
+    """Ours, built as train.py builds it, and the reference with the same weights; the meta-
+    batches both train on; the largest difference of their logits (fp32)."""
+    B, T, n_in = args.batch_size, args.seq_len, args.image_size ** 2 + data.NUM_CLASSES
     sizes = models.learner_sizes("transformer", n_in, T, width=args.width, n_layer=args.n_layer,
                                  n_head=args.n_head, key_size=args.width // args.n_head)
-    x_train, y_train = mnist_train(args.image_size, args.device)  # (N, N_x), (N,)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     ours = models.build("transformer", n_in, data.NUM_CLASSES, **sizes).to(args.device)
     ref = Reference(n_in, data.NUM_CLASSES, T, width=args.width, n_layer=args.n_layer,
                     n_head=args.n_head)
     ref = ref.copy_from(ours).to(args.device)
     # (B, T, N_x), (B, T)
-    batches = [data.sample_sequences(x_train, y_train, seed=seed, step=s,
+    batches = [data.sample_sequences(x_train, y_train, seed=0, step=s,
                                      seq_index=torch.arange(B, device=args.device), seq_len=T,
                                      num_tasks=args.num_tasks)[:2] for s in range(args.steps)]
     with torch.no_grad():
         tokens = data.make_tokens(*batches[0])                      # (B, T, N_x + 10)
         same = (ours(tokens) - ref(tokens)).abs().max().item()       # fp32, before autocast
-    if cuda:  # then as train.py: TF32 matmuls (after the fp32 comparison) and bf16 autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    return ours, ref, batches, same
+
+
+def time_steps(args, pair, batches, timer, cuda):
+    """{name: ms, tokens/s, TFLOP/s, MFU, peak memory} of each model's training step, and the
+    ratio ours / ref."""
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     def make_step(model):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -243,10 +286,10 @@ def bench(argv):
             opt.zero_grad(set_to_none=True)
         return train_step
 
-    steps = {"ours": make_step(ours), "ref": make_step(ref)}
-    sec, times = timed(steps, args.steps)
-    step = {}
-    for name, model in (("ours", ours), ("ref", ref)):
+    steps = {name: make_step(model) for name, model in pair.items()}
+    sec, times = timer(steps, args.steps)
+    B, T, out = args.batch_size, args.seq_len, {}
+    for name, model in pair.items():
         peak = None
         if cuda:  # one more step, alone: weights, grads, Adam's moments and activations
             torch.cuda.synchronize()
@@ -256,39 +299,41 @@ def bench(argv):
         n = sum(p.numel() for k, p in model.named_parameters() if k != "pos")
         flops = 6 * n * B * T + 12 * args.n_layer * args.width * T * B * T  # nanoGPT's count, per step
         s = sec[name]
-        step[name] = dict(ms=1e3 * s, ms_repeats=[1e3 * t for t in times[name]], seq_per_s=B / s,
-                          tok_per_s=B * T / s, tflops=flops / s / 1e12,
-                          mfu=flops / s / (args.peak_tflops * 1e12) if cuda else None, peak_mib=peak)
-    paired = lambda t, a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # per repeat
-    step_ratio = paired(times, "ours", "ref")
+        out[name] = dict(ms=1e3 * s, ms_repeats=[1e3 * t for t in times[name]], seq_per_s=B / s,
+                         tok_per_s=B * T / s, tflops=flops / s / 1e12,
+                         mfu=flops / s / (args.peak_tflops * 1e12) if cuda else None, peak_mib=peak)
+    return out, paired(times, "ours", "ref")
 
-    # --- task generation, on the same raw examples and task ids
+
+def time_tasks(args, x_train, y_train, timer):
+    """ms per meta-batch of making its tasks: ours (the whole meta-batch, and the projection and
+    relabelling alone) and the reference's, on the same raw examples and task ids; the ratio."""
+    B, T, seed = args.batch_size, args.seq_len, 0
     g = torch.Generator().manual_seed(seed)
     raw = []
     for _ in range(args.steps):
         idx = torch.randint(len(y_train), (B, T), generator=g).to(args.device)        # (B, T)
         ids = torch.randint(args.num_tasks, (B,), generator=g).to(args.device)        # (B,)
-        # (B, T, N_x), (B, T), (B,)
-        raw.append((x_train[idx], y_train[idx], ids))
+        raw.append((x_train[idx], y_train[idx], ids))            # (B, T, N_x), (B, T), (B,)
     seq_index = torch.arange(B, device=args.device)
     sample = lambda i: data.sample_sequences(x_train, y_train, seed=seed, step=i, seq_index=seq_index,
                                              seq_len=T, num_tasks=args.num_tasks)
-    tasks, task_times = timed({"ours_sample_sequences": sample,
-                               "ours_apply_tasks": lambda i: data.apply_tasks(*raw[i % len(raw)]),
-                               "ref_per_sequence": lambda i: reference_tasks(*raw[i % len(raw)],
-                                                                             seed, args.num_tasks)},
-                              args.steps)
-    tasks = {k: 1e3 * v for k, v in tasks.items()}                   # ms per meta-batch
-    task_ratio = paired(task_times, "ours_apply_tasks", "ref_per_sequence")
-    share = tasks["ours_sample_sequences"] / (tasks["ours_sample_sequences"] + step["ours"]["ms"])
+    tasks, times = timer({"ours_sample_sequences": sample,
+                          "ours_apply_tasks": lambda i: data.apply_tasks(*raw[i % len(raw)]),
+                          "ref_per_sequence": lambda i: reference_tasks(*raw[i % len(raw)], seed,
+                                                                        args.num_tasks)},
+                         args.steps)
+    return {k: 1e3 * v for k, v in tasks.items()}, paired(times, "ours_apply_tasks", "ref_per_sequence")
 
-    # --- report
-    threads = f", {torch.get_num_threads()} threads" if not cuda else ""
-    print(f"bench | {args.device}{threads}{' | compiled' if args.compile else ''} | transformer "
-          f"d {args.width} x {args.n_layer} layers x {args.n_head} heads, "
-          f"{models.num_params(ours):,} params"
-          f" | batch {B} x seq {T}, N_x {n_x} | median of {args.repeats} x {args.steps} calls")
-    print(f"max |logits ours - ref| at the same weights: {same:.1e}")
+
+def print_report(r, cuda):
+    f, step = r["flags"], r["step"]
+    threads = f", {f['threads']} threads" if not cuda else ""
+    print(f"bench | {f['device']}{threads}{' | compiled' if f['compile'] else ''} | transformer "
+          f"d {f['width']} x {f['n_layer']} layers x {f['n_head']} heads, {f['params']:,} params"
+          f" | batch {f['batch_size']} x seq {f['seq_len']}, N_x {f['n_x']} | median of "
+          f"{f['repeats']} x {f['steps']} calls")
+    print(f"max |logits ours - ref| at the same weights: {r['max_abs_logit_diff']:.1e}")
     print(f"{'training step':<24}{'ms':>9}{'seq/s':>9}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
           f"{'peak MiB':>10}")
     for name, label in (("ours", "ours (models.py)"), ("ref", "ref (nn.Transformer)")):
@@ -296,30 +341,20 @@ def bench(argv):
         print(f"{label:<24}{s['ms']:9.1f}{s['seq_per_s']:9.1f}{s['tok_per_s']:10.0f}{s['tflops']:9.3f}"
               f"{'' if s['mfu'] is None else format(s['mfu'], '.1%'):>7}"
               f"{'' if s['peak_mib'] is None else format(s['peak_mib'], '.0f'):>10}")
-    print(f"{'ratio ours/ref':<24}{step_ratio:9.3f}   (median of the per-repeat ratios)")
+    print(f"{'ratio ours/ref':<24}{r['step_ratio']:9.3f}   (median of the per-repeat ratios)")
     print(f"{'task generation':<24}{'ms':>9}")
-    for k, v in tasks.items():
+    for k, v in r["tasks_ms"].items():
         print(f"{k:<24}{v:9.2f}")
-    print(f"{'ratio ours/ref (tasks)':<24}{task_ratio:9.3f}   (apply_tasks vs ref_per_sequence)")
-    print(f"share of a step spent making the meta-batch: {share:.1%}")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(f"{'ratio ours/ref (tasks)':<24}{r['task_ratio']:9.3f}   (apply_tasks vs ref_per_sequence)")
+    print(f"share of a step spent making the meta-batch: {r['task_share']:.1%}")
     if not cuda:
-        print(f"peak RSS of the whole process (both models, data): {rss:.0f} MiB")
-    result = dict(flags=dict(vars(args), batch_size=B, n_x=n_x, params=models.num_params(ours),
-                              threads=torch.get_num_threads(), torch=torch.__version__),
-                  max_abs_logit_diff=same, step=step, step_ratio=step_ratio, tasks_ms=tasks,
-                  task_ratio=task_ratio, task_share=share,
-                  process_peak_rss_mib=None if cuda else rss)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+        print(f"peak RSS of the whole process (both models, data): "
+              f"{r['process_peak_rss_mib']:.0f} MiB")
 
 
 # -----------------------------------------------------------------------------
 # The GPU suite: the benchmark at the paper's model sizes, a timed meta-training run and Table 1
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 THRESHOLDS = "0.5,0.65,0.737"  # 0.737: the paper's Transformer on unseen MNIST tasks (Table 1)
 SUITE_FILES = ("suite.log", "bench.json", "log.jsonl", "summary.json", "table1.md", "table1.json",
                "suite.json")
@@ -345,25 +380,26 @@ def time_to_accuracy(records, thresholds, key="unseen mnist"):
 
 
 def suite_parser():
-    p = Parser(prog="bench.py suite", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-               description="The GPU suite: benchmark, timed meta-training, Table 1 (see the "
-                           "docstring of bench.py).")
+    p = train.Parser(prog="bench.py suite", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     description="The GPU suite: benchmark, timed meta-training, Table 1 (see the "
+                                 "docstring of bench.py).")
     p.add_argument("--out", required=True, help="folder for the suite's files (at most 8)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on the CPU, under a minute: checks the plumbing")
     p.add_argument("--device", default="auto", help="auto (cuda, then cpu), or a torch device")
-    p.add_argument("--minutes", type=positive_float,
+    p.add_argument("--minutes", type=float,
                    help="wall-time limit of all stages together (default: 8, dry run 2)")
-    p.add_argument("--train-budget", type=duration,
+    p.add_argument("--train-budget", type=train.duration,
                    help="train.py --time-budget, shrunk if the stages before it leave less "
                         "(default: 4.5m, dry run 3s)")
-    p.add_argument("--peak-tflops", type=positive_float, default=989.0,
+    p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the bf16 dense peak for MFU (H100 and H200 SXM: 989)")
     p.add_argument("--thresholds", default=THRESHOLDS,
-                   type=lambda s: [typed(float, lambda v: 0 <= v <= 1, "an accuracy in [0, 1]")(t)
-                                   for t in s.split(",")],
                    help="unseen MNIST accuracies whose time to reach the suite reports")
     return p
+
+
+SUITE_RANGES = dict(minutes=(1e-3, 1e6), train_budget=(1e-3, 1e9), peak_tflops=(1e-3, 1e6))
 
 
 class Stages:
@@ -392,7 +428,7 @@ class Stages:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         with open(self.log_path, "a") as log:
             # its own process group, so that a timeout also ends its workers (torch.compile's)
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env,
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                  start_new_session=True)
             try:
                 status = "ok" if p.wait(timeout=limit) == 0 else f"failed (exit {p.returncode})"
@@ -422,9 +458,10 @@ def bench_grid(sizes, device, compiled, peak_tflops):
 
 
 def grid(spec_path, out_path):
-    """`python bench.py grid SPEC OUT` (the suite's bench stages): main() for each argument list
-    in the JSON file SPEC, in one process (one start-up, MNIST loaded once), one JSON line per
-    run appended to OUT as it finishes, so that a stage stopped at its limit keeps what it has."""
+    """`python experiments/bench.py grid SPEC OUT` (the suite's bench stages): main() for each
+    argument list in the JSON file SPEC, in one process (one start-up, MNIST loaded once), one
+    JSON line per run appended to OUT as it finishes, so that a stage stopped at its limit keeps
+    what it has."""
     for argv in json.load(open(spec_path)):
         torch._dynamo.reset()  # each run compiles afresh, with static shapes, as in its own process
         try:
@@ -474,11 +511,20 @@ def bench_rows(runs, compiled):
 
 
 def parse_suite(argv):
-    """`bench.py suite FLAGS [-- TRAIN_FLAGS]` -> (args, train.py's argv without the budget and
-    the folder, its parsed flags); every error is one line, before anything runs."""
+    """`bench.py suite FLAGS [-- TRAIN_FLAGS]` -> (args, the stages' sizes, train.py's argv
+    without the budget and the folder, its flags as train.py reads them); every error is one
+    line, before anything runs."""
     cut = argv.index("--") if "--" in argv else len(argv)
     parser = suite_parser()
     args = parser.parse_args(argv[:cut])
+    check_ranges(parser, args, SUITE_RANGES)
+    text = args.thresholds
+    try:
+        args.thresholds = [float(t) for t in text.split(",")]
+    except ValueError:
+        args.thresholds = [math.nan]
+    if not all(0 <= t <= 1 for t in args.thresholds):  # NaN too: it compares False
+        parser.error(f"--thresholds {text!r}: each must be an accuracy in [0, 1], as in {THRESHOLDS}")
     sizes = SIZES["dry" if args.dry_run else "gpu"]
     if args.device == "auto":
         args.device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
@@ -486,16 +532,19 @@ def parse_suite(argv):
     args.minutes = args.minutes or (2 if args.dry_run else 8)
     args.train_budget = args.train_budget or (3 if args.dry_run else 270)
     train_argv = ["--device", args.device, *sizes["train"], *argv[cut + 1:]]
-    train_parser = configurator.get_parser()
+    train_parser = train.get_parser()
     train_parser.prog = "train.py (the flags after --)"
     train_flags = train_parser.parse_args(train_argv)
+    train.apply_preset(train_flags)
+    train.check_flags(train_parser, train_flags)  # the ranges, and flags that must fit together
     try:
         os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out {args.out}: {e.strerror}")
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        parser.error(f"--out {args.out!r}: {getattr(e, 'strerror', None) or e}")
+    args.out = os.path.abspath(args.out)  # the stages run in the repository's folder
     there = [f for f in SUITE_FILES if os.path.exists(os.path.join(args.out, f))]
     if there:
-        parser.error(f"--out {args.out} already holds {', '.join(there)}; choose another folder")
+        parser.error(f"--out {args.out!r} already holds {', '.join(there)}; choose another folder")
     return args, sizes, train_argv, train_flags
 
 
@@ -505,7 +554,7 @@ def train_stage(stages, args, train_argv, work):
     budget = max(1.0, min(args.train_budget, stages.left() - (30 if args.dry_run else 120)))
     argv = [*train_argv, "--time-budget", f"{budget:g}"]
     run_dir = os.path.join(work, "run")
-    stages.run("train", [sys.executable, os.path.join(HERE, "train.py"), *argv, "--out-dir", run_dir],
+    stages.run("train", [sys.executable, os.path.join(ROOT, "train.py"), *argv, "--out-dir", run_dir],
                budget + (30 if args.dry_run else 90), env=dict(TQDM_MININTERVAL="10"))
     for f in ("log.jsonl", "summary.json"):
         if os.path.exists(os.path.join(run_dir, f)):
@@ -520,11 +569,21 @@ def train_stage(stages, args, train_argv, work):
 def suite(argv):
     """The four stages, then suite.json, bench.json and one screen of numbers."""
     args, sizes, train_argv, train_flags = parse_suite(argv)
+    stages, measured = run_stages(args, sizes, train_argv)
+    result = write_results(stages, args, train_flags, measured)
+    for line in summary_lines(result):
+        stages.say(line)
+    return result
+
+
+def run_stages(args, sizes, train_argv):
+    """The stages, in their order, into a temporary folder that is removed at the end (the
+    checkpoint stays there); -> (the Stages, what they measured)."""
     stages = Stages(os.path.join(args.out, "suite.log"), args.minutes)
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
     stages.say(f"GPU suite{' (dry run)' if args.dry_run else ''} | {args.device}"
                f"{f' ({gpu})' if gpu else ''} | torch {torch.__version__} | limit "
-               f"{args.minutes:g} min | files -> {os.path.abspath(args.out)}")
+               f"{args.minutes:g} min | files -> {args.out}")
     if not args.dry_run and not gpu:
         stages.say("note: no GPU; the suite's sizes take long here (--dry-run checks the plumbing)")
     grid_of = lambda compiled: bench_grid(sizes, args.device, compiled, args.peak_tflops)
@@ -550,33 +609,36 @@ def suite(argv):
     except KeyboardInterrupt:
         stages.say(f"\ninterrupted; what the stages printed is in {stages.log_path}")
         sys.exit(130)
+    return stages, dict(gpu=gpu, rows=bench_rows(eager, False) + bench_rows(compiled, True),
+                        run_argv=run_argv, records=records, summary=summary)
 
-    # --- what the stages measured: bench.json, suite.json and one screen
-    rows = bench_rows(eager, False) + bench_rows(compiled, True)
+
+def write_results(stages, args, train_flags, m):
+    """bench.json (every benchmark in full) and suite.json (the stages, the times to accuracy,
+    the numbers of the printed summary); -> suite.json's dict."""
     note = ("dry run: tiny sizes on the CPU; compiled rows ran with TORCH_COMPILE_DISABLE=1, so "
             "they check the plumbing, not torch.compile" if args.dry_run else None)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(dict(device=args.device, gpu=gpu, peak_tflops=args.peak_tflops,
-                       precision="bf16 autocast, TF32 matmuls" if gpu else "fp32", note=note,
-                       runs=rows), f, indent=1)
+        json.dump(dict(device=args.device, gpu=m["gpu"], peak_tflops=args.peak_tflops,
+                       precision="bf16 autocast, TF32 matmuls" if m["gpu"] else "fp32", note=note,
+                       runs=m["rows"]), f, indent=1)
     table1 = os.path.join(args.out, "table1.json")
     table1 = json.load(open(table1))["checkpoints"][0] if os.path.exists(table1) else None
+    summary = m["summary"]
     result = dict(
-        dry_run=args.dry_run, device=args.device, gpu=gpu, torch=torch.__version__,
+        dry_run=args.dry_run, device=args.device, gpu=m["gpu"], torch=torch.__version__,
         limit_s=60 * args.minutes, wall_s=round(time.time() - stages.start, 1),
         stages=stages.report,
-        train=dict(argv=run_argv, seq_len=train_flags.seq_len,
+        train=dict(argv=m["run_argv"], seq_len=train_flags.seq_len,
                    **{k: summary.get(k) for k in ("step", "stopped_by", "train_time_s")},
-                   log_wall_s=max((r["time"] for r in records), default=None),
+                   log_wall_s=max((r["time"] for r in m["records"]), default=None),
                    unseen_mnist_last=summary.get("results", {}).get("unseen mnist", {}).get("last")),
-        time_to_unseen_mnist_acc_at_last=time_to_accuracy(records, args.thresholds),
+        time_to_unseen_mnist_acc_at_last=time_to_accuracy(m["records"], args.thresholds),
         table1_pct=table1 and {k: table1["accuracy_pct"][k] for k in ("MNIST", "UCI digits", "Random")},
-        bench=[{k: v for k, v in r.items() if k != "full"} for r in rows], bench_note=note,
+        bench=[{k: v for k, v in r.items() if k != "full"} for r in m["rows"]], bench_note=note,
         peak_tflops=args.peak_tflops)
     with open(os.path.join(args.out, "suite.json"), "w") as f:
         json.dump(result, f, indent=1)
-    for line in summary_lines(result):
-        stages.say(line)
     return result
 
 

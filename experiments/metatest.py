@@ -2,27 +2,30 @@
 Meta-test trained learners: the paper's Table 1, UCI digits against classic baselines, and your
 own CSV files.
 
-    python metatest.py table1 runs/*/ckpt.pt              # Table 1 beside the paper's numbers
-    python metatest.py uci --ckpt checkpoints/cpu_preset_7x7.pt   # 99 context rows, many splits
-    python metatest.py csv --ckpt C --train a.csv --test b.csv --label target
+    python experiments/metatest.py table1 runs/*/ckpt.pt            # Table 1 beside the paper's
+    python experiments/metatest.py uci --ckpt checkpoints/cpu_preset_7x7.pt   # 99 context rows
+    python experiments/metatest.py csv --ckpt C --train a.csv --test b.csv --label target
 
-A companion to gpicl.py: a meta-trained learner as a classifier for any table of numbers
-(InContextClassifier, with kNN and logistic regression beside it), and the commands above;
-kept apart so gpicl.py stays the meta-learning logic, readable in one sitting.
+A client of gpicl.py: a meta-trained learner as a classifier for any table of numbers
+(InContextClassifier, with kNN and logistic regression beside it), and the commands above.
+Its last section holds the checks every command line of this folder makes before any work
+(a device, an output file, a number's range, memory), which bench.py and findings.py borrow.
 """
 import csv
 import json
 import math
 import os
+import sys
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the four modules live one folder up
 import data
 import gpicl
-from harness import (Parser, check_device, check_out_file, out_of_memory_in_one_line,
-                     positive_int, seed_int, thread_count)
+import train
 
 # -----------------------------------------------------------------------------
 # A meta-trained learner as a classifier for your own table of numbers
@@ -88,14 +91,10 @@ class InContextClassifier:
         if normalize not in ("column", "global"):
             raise ValueError(f"normalize must be 'column' or 'global', not {normalize!r}")
         self.model, ckpt = gpicl.load_learner(checkpoint, device)
-        self.n_x = ckpt["learner"]["n_in"] - data.NUM_CLASSES
+        self.n_x = ckpt["model_args"]["n_in"] - data.NUM_CLASSES
         self.seq_len = ckpt["flags"]["seq_len"]
         self.device, self.seed, self.members, self.normalize = device, seed, members, normalize
         self.batch_size = batch_size
-
-    @classmethod
-    def from_checkpoint(cls, path, device="cpu", seed=0, **kw):
-        return cls(path, device=device, seed=seed, **kw)
 
     def fit(self, X, y):
         X, y = check_matrix(X), np.asarray(y)
@@ -180,12 +179,12 @@ def compare_on_uci_digits(checkpoint, splits=50, n_context=99, n_queries=100, me
                    for norm, m in (("column", 1), ("column", members), ("global", members))}
     acc = {}
     add = lambda name, pred: acc.setdefault(name, []).append((pred.cpu() == y[q]).float().mean().item())
-    size, channels = ckpt["flags"]["image_size"], ckpt["flags"].get("channels", 1)
+    size = ckpt["flags"]["image_size"]
     for s in range(splits):
         order = data.random_bits(data.hash_key(seed, s, 4), len(y)).argsort()
         c, q = order[:n_context], order[n_context:n_context + n_queries]
-        stats = data.to_inputs(images[c], size, channels=channels)[1]      # context's stats
-        x_img = data.to_inputs(images, size, stats, channels=channels)[0].to(device)  # (N, N_x)
+        stats = data.to_inputs(images[c], size)[1]                         # context's stats
+        x_img = data.to_inputs(images, size, stats)[0].to(device)          # (N, N_x)
         proba = 0
         for j, task in enumerate(tasks[s]):  # each member: its own task and context order
             x_t, y_t = data.apply_tasks(x_img[None], y[None].to(device), task[None].to(device))
@@ -230,24 +229,22 @@ def table1(checkpoints, eval_tasks=32, eval_seqs=32, out_dir=".", device="cpu"):
     for path in checkpoints:
         model, ckpt = gpicl.load_learner(path, device)
         flags, cells = ckpt["flags"], {}
-        channels = flags.get("channels", 1)  # 3: the inputs the learner was trained on
         for column, name in TABLE1.items():
-            key = (name, flags["image_size"], channels)
+            key = (name, flags["image_size"])
             if key not in loaded:  # never try the network here: offline, it may hang
                 try:
-                    loaded[key] = (data.load_dataset(name, flags["image_size"], device,
-                                                     channels=channels)
+                    loaded[key] = (data.load_dataset(name, flags["image_size"], device)
                                    if data.available(name) else None)
                 except (OSError, ValueError):  # e.g. a damaged cache file
                     loaded[key] = None
             if loaded[key] is None:
-                cells[column] = {"missing": f"fetch with `python data.py fetch {name}`"}
+                cells[column] = {"missing": f"fetch with `python experiments/datasets.py fetch {name}`"}
                 continue
-            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)}, flags["seq_len"],
-                               baselines=False)[name]                  # the learner's column only
+            r = gpicl.evaluate(model, {name: (*loaded[key]["test"], unseen)},
+                               flags["seq_len"])[name]                 # the learner's column only
             cells[column] = {"acc": round(100 * r["last"], 2), "ci": round(100 * r["last_ci"], 2),
                              "n": r["n"]}
-        rows.append({"checkpoint": path, "learner": ckpt["learner"]["kind"],
+        rows.append({"checkpoint": path, "learner": ckpt["model_args"]["kind"],
                      "meta_trained_on": flags["dataset"], "image_size": flags["image_size"],
                      "seq_len": flags["seq_len"], "step": ckpt["step"], "accuracy_pct": cells})
     cell = lambda c: (f"missing — {c['missing']}" if "missing" in c else
@@ -331,9 +328,9 @@ def run_csv(args):
 
 
 def get_parser():
-    p = Parser(prog="metatest.py", description="Meta-test trained in-context learners.")
+    p = train.Parser(prog="metatest.py", description="Meta-test trained in-context learners.")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=thread_count, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("csv", help="classify the rows of a CSV from a labelled CSV")
     c.add_argument("--ckpt", required=True)
@@ -341,22 +338,27 @@ def get_parser():
     c.add_argument("--test", required=True, help="rows to predict (labels optional)")
     c.add_argument("--label", required=True, help="name of the label column")
     c.add_argument("--out", default="preds.csv")
-    c.add_argument("--k", type=positive_int, default=1, help="neighbours of the kNN baseline")
-    c.add_argument("--members", type=positive_int, default=32, help="ensemble members")
+    c.add_argument("--k", type=int, default=1, help="neighbours of the kNN baseline")
+    c.add_argument("--members", type=int, default=32, help="ensemble members")
     c.add_argument("--normalize", choices=["column", "global"], default="column")
-    c.add_argument("--seed", type=seed_int, default=0)
+    c.add_argument("--seed", type=int, default=0)
     u = sub.add_parser("uci", help="UCI digits: the learner vs kNN and logistic regression")
     u.add_argument("--ckpt", required=True)
-    u.add_argument("--splits", type=positive_int, default=50)
-    u.add_argument("--context", type=positive_int, default=99)
-    u.add_argument("--queries", type=positive_int, default=100)
-    u.add_argument("--members", type=positive_int, default=16)
+    u.add_argument("--splits", type=int, default=50)
+    u.add_argument("--context", type=int, default=99)
+    u.add_argument("--queries", type=int, default=100)
+    u.add_argument("--members", type=int, default=16)
     t = sub.add_parser("table1", help="the paper's Table 1 for one or more checkpoints")
     t.add_argument("ckpts", nargs="+")
-    t.add_argument("--tasks", type=positive_int, default=32, help="unseen tasks per dataset")
-    t.add_argument("--seqs", type=positive_int, default=32, help="sequences per task")
+    t.add_argument("--tasks", type=int, default=32, help="unseen tasks per dataset")
+    t.add_argument("--seqs", type=int, default=32, help="sequences per task")
     t.add_argument("--out-dir", default=".")
     return p
+
+
+COUNT = (1, 2 ** 31 - 1)  # counts stop below 2**31, where torch's C ints overflow
+RANGES = dict(threads=(1, 256), k=COUNT, members=COUNT, splits=COUNT, context=COUNT,
+              queries=COUNT, tasks=COUNT, seqs=COUNT, seed=(0, 2 ** 63 - 1))  # seed: int64
 
 
 def main(argv=None):
@@ -367,6 +369,7 @@ def main(argv=None):
 def meta_test(argv):
     p = get_parser()
     args = p.parse_args(argv)
+    check_ranges(p, args, RANGES)
     if args.threads:
         torch.set_num_threads(args.threads)
     check_device(p, args.device)
@@ -382,25 +385,75 @@ def meta_test(argv):
         try:
             os.makedirs(args.out_dir, exist_ok=True)
         except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-            p.error(f"--out-dir {args.out_dir}: {getattr(e, 'strerror', None) or e}")
+            p.error(f"--out-dir {args.out_dir!r}: {getattr(e, 'strerror', None) or e}")
+    if args.command == "uci" and (args.context < 2 or args.context + args.queries > 1797):
+        p.error("--context must be >= 2 and --context + --queries <= 1797 (UCI digits' rows)")
     try:
         if args.command == "csv":
             run_csv(args)
         elif args.command == "uci":
-            if args.context < 2 or args.context + args.queries > 1797:
-                p.error("--context must be >= 2 and --context + --queries <= 1797 (UCI digits' rows)")
-            res = compare_on_uci_digits(args.ckpt, splits=args.splits, n_context=args.context,
-                                        n_queries=args.queries, members=args.members,
-                                        device=args.device)
-            print(f"UCI digits, {args.context} context rows, {args.queries} queries, "
-                  f"{args.splits} splits")
-            for name, (m, ci) in res.items():
-                print(f"{name:<44} {m:.3f} ± {ci:.3f}")
+            run_uci(args)
         else:
             print(table1(args.ckpts, eval_tasks=args.tasks, eval_seqs=args.seqs, out_dir=args.out_dir,
                          device=args.device))
     except (OSError, ValueError) as e:
         p.error(str(e))
+
+
+def run_uci(args):
+    res = compare_on_uci_digits(args.ckpt, splits=args.splits, n_context=args.context,
+                                n_queries=args.queries, members=args.members, device=args.device)
+    print(f"UCI digits, {args.context} context rows, {args.queries} queries, {args.splits} splits")
+    for name, (m, ci) in res.items():
+        print(f"{name:<44} {m:.3f} ± {ci:.3f}")
+
+
+# -----------------------------------------------------------------------------
+# The checks every command line of this folder makes before any work: a bad value is one line
+# on stderr and exit 2 (train.Parser.error), a fault at run time one line and exit 1
+
+def check_ranges(parser, args, ranges):
+    """What type=int or float cannot say: {flag's dest: (lowest, highest)}, both allowed."""
+    for dest, (low, high) in ranges.items():
+        v = getattr(args, dest, None)
+        if v is not None and not low <= v <= high:  # NaN too: it compares False
+            parser.error(f"--{dest.replace('_', '-')} {v} is not in [{low}, {high}]")
+
+
+def check_device(parser, device):
+    """A device name torch does not know or cannot use here."""
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        parser.error(f"--device {device!r}: {(str(e).splitlines() or ['unusable'])[0]}")
+
+
+def check_out_file(parser, flag, path, make_folder=False):
+    """A file that cannot be written: no name, a NUL in it, a folder, read-only, or in a folder
+    that does not exist (make_folder: that cannot be made)."""
+    existed = os.path.exists(path)
+    try:
+        if make_folder:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "a").close()  # append: nothing in it is lost
+    except (OSError, ValueError) as e:
+        parser.error(f"{flag} {path!r}: {getattr(e, 'strerror', None) or e}")
+    if not existed:
+        os.remove(path)
+
+
+@contextmanager
+def out_of_memory_in_one_line(prog, smaller):
+    """An allocation that fails (CUDA's OutOfMemoryError, or a RuntimeError from torch's CPU
+    allocator) is a fault at run time, not a bad flag: one line and exit 1."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        why = str(e).split("DefaultCPUAllocator: ")[-1].splitlines()[0]
+        print(f"{prog}: error: out of memory ({why}); make {smaller} smaller", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
