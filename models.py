@@ -118,9 +118,9 @@ def haiku_init(module):
 # to its bias, so that learner cannot see its input.)
 
 class SelfAttention(nn.Module):
-    def __init__(self, width, n_head, key_size):
+    def __init__(self, width, n_head, key_size, window=None):
         super().__init__()
-        self.n_head, self.key_size = n_head, key_size
+        self.n_head, self.key_size, self.window = n_head, key_size, window
         self.qkv = nn.Linear(width, 3 * n_head * key_size)
         self.proj = nn.Linear(n_head * key_size, width)
 
@@ -129,18 +129,24 @@ class SelfAttention(nn.Module):
         H, K = self.n_head, self.key_size
         q, k, v = self.qkv(x).split(H * K, dim=2)                    # each (B, T, H*K)
         q, k, v = (t.view(B, T, H, K).transpose(1, 2) for t in (q, k, v))  # each (B, H, T, K)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, K)
+        W = self.window or T
+        if W >= T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, K)
+        else:  # a sliding window: position t attends to t-W+1..t, so the cache keeps W keys
+            t = torch.arange(T, device=x.device)
+            near = (t[:, None] >= t) & (t[:, None] - t < W)              # (T, T) query, key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=near)
         y = y.transpose(1, 2).reshape(B, T, H * K)                   # (B, T, H*K)
-        return self.proj(y), (k, v)                                  # k, v: this layer's KV cache
+        return self.proj(y), (k[:, :, -W:], v[:, :, -W:])            # this layer's KV cache
 
 
 class Block(nn.Module):
     """Pre-LayerNorm: x + attn(LN(x)), then x + MLP(LN(x)) with a 4x GELU MLP."""
 
-    def __init__(self, width, n_head, key_size):
+    def __init__(self, width, n_head, key_size, window=None):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = SelfAttention(width, n_head, key_size)
+        self.attn = SelfAttention(width, n_head, key_size, window)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
                                  nn.Linear(4 * width, width))
 
@@ -151,15 +157,19 @@ class Block(nn.Module):
 
 
 class Transformer(Learner):
-    defaults = dict(width=512, n_layer=4, n_head=8, key_size=32)     # authors' models.py
+    defaults = dict(width=512, n_layer=4, n_head=8, key_size=32,     # authors' models.py
+                    window=None)                 # ours: attention over the last W tokens only
     sized_by = "key_size"                                            # the state is the KV cache
 
-    def __init__(self, n_in, n_out, seq_len, width=512, n_layer=4, n_head=8, key_size=32):
+    def __init__(self, n_in, n_out, seq_len, width=512, n_layer=4, n_head=8, key_size=32,
+                 window=None):
         super().__init__()
-        self.sizes = dict(width=width, n_layer=n_layer, n_head=n_head, key_size=key_size)
+        self.sizes = dict(width=width, n_layer=n_layer, n_head=n_head, key_size=key_size,
+                          window=window)
         self.embed = nn.Linear(n_in, width)
         self.pos = nn.Parameter(torch.zeros(seq_len, width))        # learned positions
-        self.blocks = nn.ModuleList(Block(width, n_head, key_size) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(width, n_head, key_size, window)
+                                    for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, n_out)
         # Initialisation as the authors', not GPT-2's N(0, 0.02): attention and MLP weights by
@@ -189,8 +199,9 @@ class Transformer(Learner):
         return self.head(self.ln_f(x)), cache                        # (B, T, 10)
 
     @staticmethod
-    def state_size_of(seq_len, n_layer, n_head, key_size, **_):
-        return 2 * n_layer * seq_len * n_head * key_size             # keys and values, every layer
+    def state_size_of(seq_len, n_layer, n_head, key_size, window=None, **_):
+        kept = min(window or seq_len, seq_len)                       # positions in the cache
+        return 2 * n_layer * kept * n_head * key_size                # keys and values, every layer
 
 
 # -----------------------------------------------------------------------------
@@ -578,7 +589,7 @@ MODELS = {"transformer": Transformer, "lstm": LSTM, "outer_lstm": OuterLSTM,
 
 
 def learner_sizes(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, state_size=None,
-                  key_size=None):
+                  key_size=None, window=None):
     """Fill in a learner's defaults and, given state_size, the size that reaches it exactly
     (the key size for the Transformer, the width for the others). Returns the sizes: the keyword
     arguments of the learner's constructor after n_in and n_out. A size the learner would ignore
@@ -587,7 +598,7 @@ def learner_sizes(kind, n_in, seq_len, width=None, n_layer=None, n_head=None, st
         raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
     cls = MODELS[kind]
     given = {k: v for k, v in dict(width=width, n_layer=n_layer, n_head=n_head,
-                                   key_size=key_size).items() if v is not None}
+                                   key_size=key_size, window=window).items() if v is not None}
     for k in given:
         if k not in cls.defaults:
             raise ValueError(f"{k} does not apply to this learner (it takes "

@@ -434,6 +434,27 @@ def test_transformer_state_is_the_kv_cache_attention_reads_whatever_the_width(mo
         assert read == model.state_size(T) == 2 * 2 * T * 3 * 5   # keys and values: not the width
 
 
+def test_a_window_of_w_tokens_keeps_w_keys_and_values_and_every_parameter():
+    # --window W: position t attends to t-W+1..t, so one layer's output at t cannot see token
+    # t-W, and the cache (the state) holds W positions; the weights are the same at every W
+    T, n_in = 12, 16
+    sizes = lambda w: models.learner_sizes("transformer", n_in, T, width=16, n_layer=1, n_head=2,
+                                           key_size=4, window=w)
+    torch.manual_seed(0)
+    full = models.build("transformer", n_in, 10, **sizes(None)).eval()
+    x = torch.randn(2, T, n_in)
+    for w in (1, 3, T):
+        model = models.build("transformer", n_in, 10, **sizes(w)).eval()
+        model.load_state_dict(full.state_dict())                     # the same parameters
+        moved = x.clone()
+        moved[:, 4] += 1.0
+        changed = (model(moved) - model(x)).abs().sum(-1).amax(0) > 0    # (T,)
+        assert changed.tolist() == [4 <= t < 4 + w for t in range(T)], w
+        assert model.state_size(T) == 2 * 1 * w * 2 * 4
+        assert sum(t.numel() for t in model.carried_state(x)) == 2 * model.state_size(T)
+    assert torch.equal(model(x), full(x))                            # W = T: plain attention
+
+
 def test_learner_sizes_solves_for_a_state_size_or_names_the_nearest():
     assert models.learner_sizes("lstm", 206, 100, state_size=1024)["width"] == 512
     sizes = models.learner_sizes("transformer", 206, 100, n_layer=4, n_head=8, state_size=204800)

@@ -101,6 +101,7 @@ def get_parser():
     add("--n-head", type=int, help=preset("n_head", "attention heads"))
     add("--key-size", type=int, help=preset("key_size", "per-head key size"))
     add("--state-size", type=int, help="size the learner so its state is exactly this many floats")
+    add("--window", type=int, help="the Transformer attends to the last W tokens: a KV cache of W")
     # meta-training
     add("--steps", type=int, help=preset("steps", "optimizer steps"))
     add("--time-budget", type=duration, help="stop after this much training (300, 5m, 1.5h)")
@@ -134,7 +135,7 @@ def apply_preset(args):
         args.preset = "paper" if gpu else "cpu"
     preset = dict(PRESETS[args.preset])
     if args.model != "transformer":  # the other learners keep their own sizes
-        preset = {k: v for k, v in preset.items() if k not in ("width", "n_layer", "n_head", "key_size")}
+        preset = {k: v for k, v in preset.items() if k not in models.Transformer.defaults}
         if args.preset == "cpu":
             preset.update(OTHER_LEARNERS_CPU)
             if args.model in CPU_LEARNER_WIDTH and args.state_size is None:
@@ -150,8 +151,8 @@ def apply_preset(args):
 # What type= cannot say, the ranges: counts below 2**31 (torch's C ints overflow), the seed below
 # 2**63 (int64), at most 1,024 layers or pixels a side, 256 threads (OpenMP aborts beyond).
 POSITIVE = ("image_size", "seq_len", "seqs_per_task", "lookup_seq_len", "width", "n_layer",
-            "n_head", "key_size", "state_size", "steps", "batch_size", "eval_every", "eval_tasks",
-            "eval_seqs", "log_every", "ckpt_every", "threads", "lr", "time_budget")
+            "n_head", "key_size", "state_size", "window", "steps", "batch_size", "eval_every",
+            "eval_tasks", "eval_seqs", "log_every", "ckpt_every", "threads", "lr", "time_budget")
 NON_NEGATIVE = ("bias_steps", "lookup_steps", "warmup", "adam_eps_root", "grad_clip", "seed")
 TOP = dict(seed=2 ** 63, threads=257, image_size=1025, n_layer=1025)
 
@@ -253,14 +254,15 @@ def build_learner(parser, args):
     try:
         sizes = models.learner_sizes(args.model, n_in, args.seq_len, width=args.width,
                                      n_layer=args.n_layer, n_head=args.n_head,
-                                     state_size=args.state_size, key_size=args.key_size)
+                                     state_size=args.state_size, key_size=args.key_size,
+                                     window=args.window)
         model_args = dict(kind=args.model, n_in=n_in, n_out=data.NUM_CLASSES, **sizes)
         torch.manual_seed(args.seed)
         model = models.build(**model_args).to(args.device)
     except (ValueError, RuntimeError) as e:  # a size it does not take, or too large for memory
         parser.error(f"--model {args.model}: {(str(e).splitlines() or ['failed'])[0][:200]}")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        shown = ", ".join(f"{k} {v}" for k, v in sizes.items() if k != "seq_len")
+        shown = ", ".join(f"{k} {v}" for k, v in sizes.items() if k != "seq_len" and v)
         budget = f" or {args.time_budget / 60:g} minutes" if args.time_budget else ""
         print(f"preset {args.preset}: {args.model} ({shown}; state size "
               f"{model.state_size(args.seq_len):,} floats; {models.num_params(model):,} "
@@ -277,7 +279,8 @@ def load_data(parser, args, model, others, ctx, baselines):
         base, other_sets = load(args.dataset), {d: load(d) for d in others}
     except (OSError, ValueError) as e:  # e.g. a dataset not downloaded
         parser.error((str(e).splitlines() or [type(e).__name__])[0])
-    splits = dict(train=base["train"], lookup=load("random")["train"] if args.lookup_steps else None)
+    lookup = load("random")["train"] if args.lookup_steps else None  # the curriculum's tasks
+    splits = dict(train=base["train"], lookup=lookup)
     eval_sets = gpicl.eval_sets((args.dataset, base), other_sets, num_tasks=args.num_tasks,
                                 eval_tasks=args.eval_tasks, eval_seqs=args.eval_seqs,
                                 device=args.device, bias=bias_at(args.steps - 1, args))
@@ -448,7 +451,8 @@ def should_stop(args, started, ddp, at_record):
 
 def evaluate(args, evaluator, step, time_s, show):
     results = evaluator()
-    log(args, dict(step=step, time=time_s, eval=results, regime=gpicl.regime(results, args.dataset)))
+    regime = gpicl.regime(results, args.dataset)
+    log(args, dict(step=step, time=time_s, eval=results, regime=regime))
     if show:  # on lines of their own, above the progress bar
         tqdm.write(f"step {step}:\n{gpicl.format_results(results)}")
 

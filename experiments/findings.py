@@ -240,11 +240,27 @@ def lstm_levers(scale):
     return [(dict(learner, **lever), extra) for learner in (outer, lstm) for lever in levers]
 
 
+def window(scale):
+    """The state moved alone, every parameter kept (paper section 4.2, its claim that the state
+    size, not the parameter count, bounds in-context learning): the cpu preset's Transformer
+    (width 128, 2 layers of 4 heads of key size 32, fresh tasks, 3,000 steps) whose attention
+    sees only the last W tokens (`--window W`), so its state, the KV cache, is 2 x layers x heads
+    x key size x W floats: 512 / 2,048 / 8,192 / 25,600 at W = 1 / 4 / 16 / 50, while the
+    parameters are the same 418,570 in every run. The whole sequence (W = 100, 51,200 floats) is
+    the transitions sweep's fresh-task, width-128 run: the very same flags, no --window. cpu: 4
+    runs, one thread each, two at a time (the transitions sweep's width-128 runs took 27-42
+    minutes so). gpu: the same windows on the gpu recipe."""
+    extra = (CPU if scale == "cpu" else GPU) + flags_of(SMALL_TRANSFORMER) + ["--baselines", "off"]
+    width = 128 if scale == "cpu" else 256
+    return [(dict(model="transformer", width=width, num_tasks=None, window=w), extra)
+            for w in (16, 1, 4, 50)]  # the first two together, then the last two
+
+
 LEARNER_KEYS = ("model", "width", "state_size")  # in a lever run's params, what is not the lever
 
 # longest first
 EXPERIMENTS = {f.__name__: f for f in (learning_curves, plateaus, transitions, state_size,
-                                       lstm_levers)}
+                                       lstm_levers, window)}
 
 # -----------------------------------------------------------------------------
 # The runner: one subprocess of train.py per run, a record per finished run, resumable
@@ -687,12 +703,43 @@ def draw_learning_curves(plt, d):
     return fig
 
 
+def window_data(records, base, others):
+    """One point per window W, smallest first: the state (the KV cache), the parameters, the
+    steps, the plateau's end, unseen accuracy at the last example, the loss curve."""
+    key = f"unseen {base}"
+    return [dict(window=r["params"]["window"], state_size=r["summary"]["state_size"],
+                 parameters=r["summary"]["parameters"], steps=r["summary"]["step"],
+                 plateau=plateau_length(r["loss"]), unseen=r["final"][key]["last"],
+                 unseen_ci=r["final"][key]["last_ci"], loss=r["loss"])
+            for r in sorted(records, key=lambda r: r["params"]["window"])]
+
+
+def draw_window(plt, d):
+    """Left: unseen accuracy at the last example against the state, the parameters fixed.
+    Right: the training loss of each window."""
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    acc.errorbar([p["state_size"] for p in d], [p["unseen"] for p in d],
+                 yerr=[p["unseen_ci"] for p in d], marker="o", capsize=3)
+    for p in d:
+        acc.annotate(f"W = {p['window']}", (p["state_size"], p["unseen"]),
+                     xytext=(6, -12), textcoords="offset points")
+        loss.plot(*zip(*p["loss"]), label=f"W = {p['window']}")
+    acc.axhline(CHANCE, color="k", lw=0.5, ls=":")
+    acc.set(xscale="log", xlabel="state: KV cache (floats)", ylabel="unseen accuracy @ last",
+            title=f"{d[0]['parameters']:,} parameters in every run" if d else "")
+    loss.axhline(PLATEAU_LOSS, color="k", lw=0.5, ls=":")
+    loss.set(xlabel="step", ylabel="training loss", title="the loss, by window")
+    legend(loss, loc="upper right")
+    return fig
+
+
 # each experiment's figure: (its numbers from the records, its drawing from those numbers)
 FIGURES = {"transitions": (transitions_data, draw_transitions),
            "state_size": (state_size_data, draw_state_size),
            "plateaus": (plateaus_data, draw_plateaus),
            "lstm_levers": (lstm_levers_data, draw_lstm_levers),
-           "learning_curves": (learning_curves_data, draw_learning_curves)}
+           "learning_curves": (learning_curves_data, draw_learning_curves),
+           "window": (window_data, draw_window)}
 
 
 # -----------------------------------------------------------------------------

@@ -46,6 +46,8 @@ RECIPES = {
                      eval_every=250, eval_datasets="", baselines="off"),
     "lstm_levers": dict(CPU_RECIPE, batch_size=64, lr=1e-3, warmup=0, schedule="constant",
                         steps=2000, time_budget=10 * 3600, eval_every=500, baselines="off"),
+    "window": dict(TRANSFORMER_RECIPE, steps=3000, schedule="wsd", eval_every=1000,
+                   baselines="off", width=128, num_tasks=data.FRESH),
 }
 # the other learners of the state-size sweep, on the cpu preset's 13-minute budget
 OTHER_LEARNER_RECIPE = dict(CPU_RECIPE, batch_size=64, lr=1e-3, warmup=0, schedule="constant",
@@ -80,7 +82,12 @@ def test_every_gpu_sweep_runs_the_paper_preset_in_16_task_slots_of_128_sequences
                 assert (args["batch_size"], args["seqs_per_task"]) == (128, 8), (name, params)
 
 
-@pytest.mark.parametrize("name", list(findings.EXPERIMENTS))
+# the sweeps with results recorded so far (a new sweep has none until its first run ends)
+RECORDED = [n for n in findings.EXPERIMENTS if os.path.exists(os.path.join(ROOT, "results",
+                                                                            f"{n}.jsonl"))]
+
+
+@pytest.mark.parametrize("name", RECORDED)
 def test_every_recorded_run_is_one_its_sweep_runs_today_with_the_same_flags(name):
     # the results files are the sweeps' memory: a run whose id is recorded is skipped, so each
     # id must still be one of the sweep's, and what it ran must be what the sweep runs now
@@ -292,13 +299,15 @@ def test_figures_draw(name, tmp_path):
             "state_size": [record(dict(model=m, width=8), 200) for m in ("lstm", "transformer")],
             "learning_curves": [with_baselines(record(dict(model="sgd"), 200))],
             "lstm_levers": [record(dict(model="lstm", state_size=1024, **lever), end)
-                            for lever, end in (({}, None), (dict(lr=3e-3), 400))]}[name]
+                            for lever, end in (({}, None), (dict(lr=3e-3), 400))],
+            "window": [record(dict(model="transformer", width=8, window=w), 200)
+                       for w in (1, 4)]}[name]
     path = findings.plot(name, recs, str(tmp_path / f"{name}.png"))
     assert os.path.getsize(path) > 1000
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(findings.EXPERIMENTS))
+@pytest.mark.parametrize("name", RECORDED)
 def test_every_figure_regenerates_from_its_results_file(name, tmp_path):
     # `python experiments/findings.py NAME --plot` on the shipped results/NAME.jsonl, from
     # another folder (copied, so that the shipped figure is not touched)
@@ -346,3 +355,20 @@ def test_default_paths_are_the_repository_s_wherever_the_command_runs(tmp_path, 
     assert {it[2] for it in given} == {os.path.join(ROOT, "results", "plateaus.jsonl")}
     assert {it[3] for it in given} == {os.path.join(ROOT, "runs", "exp", "plateaus")}
     assert not os.listdir(tmp_path)
+
+
+def test_window_sweep_moves_the_state_and_keeps_every_parameter():
+    runs = findings.window("cpu")
+    full = next(f for p, f in findings.transitions("cpu")
+                if p == dict(model="transformer", width=128, num_tasks=None))
+    sizes = []
+    for params, flags in runs:
+        args = resolved(params, flags)
+        assert dict(args, window=None) == \
+            resolved(dict(model="transformer", width=128, num_tasks=None), full)  # the full run
+        sizes.append(models.learner_sizes("transformer", 59, 100, width=128, n_layer=2,
+                                          n_head=4, key_size=32, window=args["window"]))
+    built = [models.build("transformer", 59, 10, **s) for s in sizes]
+    states = [m.state_size(100) for m in built]
+    assert len(set(states)) == len(runs) and max(states) < 2 * 2 * 4 * 32 * 100
+    assert len({models.num_params(m) for m in built}) == 1                # the same parameters
