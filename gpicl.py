@@ -113,15 +113,40 @@ def task_index(task_ids):
 
 
 def group_means(values, groups):
-    """The mean of values (N,) within each group: groups (N,) in 0 .. G - 1 -> (G,)."""
-    sums = torch.zeros(int(groups.max()) + 1, device=values.device).index_add_(0, groups, values)
-    return sums / torch.bincount(groups)
+    """The mean of values (N, ...) within each group: groups (N,) in 0 .. G - 1 -> (G, ...)."""
+    sums = values.new_zeros(int(groups.max()) + 1, *values.shape[1:]).index_add_(0, groups, values)
+    return sums / torch.bincount(groups).view(-1, *[1] * (values.dim() - 1))
 
 
 def ci95(values):
-    """Half-width of the 95% normal interval for the mean of values (1-D); NaN for one value."""
+    """Half-width of the 95% t interval for the mean of values (n, ...) over their first axis:
+    a float for 1-D values, a tensor otherwise; NaN for one value."""
     n = len(values)
-    return 1.96 * values.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    half = t95(n - 1) * values.std(0) / math.sqrt(n) if n > 1 else torch.tensor(float("nan"))
+    return half.item() if half.dim() == 0 else half
+
+
+def t95(df):
+    """Student's t 97.5% quantile with df degrees of freedom (2.131 for 16 tasks, where the
+    normal's 1.96 would be 8% too narrow): a table up to 4, then Hill's series in the normal
+    quantile z, within 1e-3 of the exact value there and better beyond."""
+    if df <= 4:
+        return (12.706, 4.303, 3.182, 2.776)[df - 1]
+    z = 1.959964
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def paired(learner, baseline, task_ids):
+    """The learner minus a baseline on the very same sequences, at every position: correct
+    (N, T) bool each -> {"diff": mean differences (T,), "diff_ci": 95% t half-widths (T,)}, the
+    per-task means being the units (a task's sequences share its projection and labels)."""
+    groups = task_index(task_ids)
+    if int(groups.max()) == 0:  # one task: each sequence its own group, as in summarize
+        groups = torch.arange(len(groups), device=groups.device)
+    per_task = group_means(learner.float() - baseline.float(), groups)   # (G, T)
+    round4 = lambda t: [round(v, 4) for v in t.tolist()]
+    return {"diff": round4(per_task.mean(0)), "diff_ci": round4(ci95(per_task))}
 
 
 # -----------------------------------------------------------------------------
@@ -134,37 +159,10 @@ def ci95(values):
 #         cheap, so it runs on every sequence)
 #   logistic regression: a linear softmax classifier refitted on examples 0..t-1 at every t,
 #         its L2 chosen on training tasks (ours: the classic learner a meta-learner must beat to
-#         be more than a lookup; on 8 sequences of each task, for cost)
+#         be more than a lookup)
 #   SGD:  the paper's own baseline (Table 1), models.SGD: a fresh MLP per sequence, one Adam step
 #         per example; T sequential steps, run on every sequence so that its interval is as
 #         narrow as the learner's
-
-
-def k_nearest(x_ctx, y_ctx, x_query, k=1, earlier_only=False):
-    """k-NN: each query gets the majority label of its k nearest context examples (Euclidean; a
-    tie in the vote goes to the nearest one's label, a tie in distance to the earliest).
-    x_ctx (B, J, n), y_ctx (B, J), x_query (B, Q, n) -> (B, Q). earlier_only: query t may only
-    look at context examples j < t (Q = J, the per-position baseline); a query with none
-    predicts label 0, and k > 1 is refused there (a query t < k would count later labels)."""
-    if earlier_only and k > 1:
-        raise ValueError("k_nearest: earlier_only takes k = 1")
-    # cdist's fast |a|^2 + |b|^2 - 2ab form (3x faster than exact here) rounds, which can only
-    # reorder near-ties; an example repeated earlier in the sequence is still the nearest
-    dist = torch.cdist(x_query, x_ctx)                                      # (B, Q, J)
-    if earlier_only:
-        Q, J = dist.shape[1:]
-        earlier = torch.ones(Q, J, dtype=torch.bool, device=dist.device).tril(-1)  # j < t
-        dist = dist.masked_fill(~earlier, float("inf"))
-    nearest = dist.argmin(-1, keepdim=True)                                 # (B, Q, 1) earliest
-    if k > 1:
-        nearest = torch.cat([nearest, dist.scatter(-1, nearest, float("inf")).topk(
-            min(k, dist.shape[-1]) - 1, largest=False).indices], -1)       # (B, Q, k)
-    labels = torch.gather(y_ctx[:, None].expand(-1, dist.shape[1], -1), 2, nearest)  # (B, Q, k)
-    votes = F.one_hot(labels, data.NUM_CLASSES).float()                     # (B, Q, k, C)
-    pred = (votes.sum(2) + 0.5 * votes[:, :, 0]).argmax(-1)                 # (B, Q)
-    if earlier_only:
-        pred[:, 0] = 0                                                      # nothing to look at
-    return pred
 
 
 def nearest_neighbour(x, y):
@@ -172,7 +170,15 @@ def nearest_neighbour(x, y):
     on the projected inputs A x; a tie goes to the earliest). x (B, T, N_x), y (B, T) -> (B, T).
     Position 0 has no context: it predicts label 0, right by chance only, since every task
     permutes the labels at random."""
-    return k_nearest(x, y, x, k=1, earlier_only=True)
+    T = x.shape[1]
+    # cdist's fast |a|^2 + |b|^2 - 2ab form (3x faster than exact here) rounds, which can only
+    # reorder near-ties; an example repeated earlier in the sequence is still the nearest
+    dist = torch.cdist(x, x)                                                 # (B, T, T)
+    earlier = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)   # j < t
+    nearest = dist.masked_fill(~earlier, float("inf")).argmin(-1)            # (B, T) earliest
+    pred = torch.gather(y, 1, nearest)
+    pred[:, 0] = 0                                                           # nothing to look at
+    return pred
 
 
 def gradient_descent(x, y):
@@ -244,104 +250,79 @@ def choose_l2(x_all, y_all, seq_len, grid=L2_GRID, n_tasks=16, seqs_per_task=2):
 
 
 def make_baselines(l2=1e-2):
-    """{name: (predict(x, y) -> labels (B, T), sequences per task it runs on; None: all)}"""
-    return {"1-NN": (nearest_neighbour, None),
-            "logistic regression": (functools.partial(logistic_regression, l2=l2), 8),
-            "SGD": (gradient_descent, None)}
+    """{name: predict(x, y) -> labels (B, T)}: each reads every evaluation sequence."""
+    return {"1-NN": nearest_neighbour,
+            "logistic regression": functools.partial(logistic_regression, l2=l2),
+            "SGD": gradient_descent}
 
 
 BASELINES = make_baselines()
 
 
-def first_per_task(task_ids, k):
-    """(N,) bool: the first k sequences of every task in the set (all of them for k None)."""
-    if k is None:
-        return torch.ones_like(task_ids, dtype=torch.bool)
-    group = task_index(task_ids)                                           # (N,)
-    order = torch.argsort(group, stable=True)                              # tasks, in set order
-    start = torch.cumsum(torch.bincount(group), 0) - torch.bincount(group) # first slot per task
-    rank = torch.empty_like(group)
-    rank[order] = torch.arange(len(group), device=group.device) - start[group[order]]
-    return rank < k
-
-
 # -----------------------------------------------------------------------------
 # Evaluation of a learner, beside the baselines
 
-@torch.no_grad()
 def evaluate(model, sets, seq_len, batch_size=256, ctx=None, baselines=None):
-    """{name: summary} for every evaluation set; the model is left in the mode it was in.
+    """{name: summary} for every evaluation set. baselines: None, or a dict like BASELINES;
+    each is scored on the very x, y tensors the learner reads, and added as
+    summary["baselines"][name] = its summary and the learner minus it, paired (paired)."""
+    return report(score(model, sets, seq_len, batch_size, ctx, baselines), sets)
 
-    baselines: None, or a dict like BASELINES. Each baseline is scored on the same x, y tensors
-    as the learner (on its subset of sequences) and added as
-    summary["baselines"] = {baseline name: summary}."""
-    baselines = baselines or {}
+
+@torch.no_grad()
+def score(model, sets, seq_len, batch_size=256, ctx=None, baselines=None):
+    """{set name: {"learner": (N, T), baseline: (N, T)}} bool, right or wrong at every position:
+    each evaluation sequence is made once and read by the learner and every baseline. The
+    model is left in the mode it was in."""
     was_training = model.training
     model.eval()
     out = {}
     for name, (x_all, y_all, task_ids, *kept) in sets.items():  # kept: the seen set's labels
-        runs = {b: (predict, first_per_task(task_ids, k))                 # (N,) bool each
-                for b, (predict, k) in baselines.items()}
-        correct = correct_predictions(model, x_all, y_all, task_ids, seq_len=seq_len,
-                                      batch_size=batch_size, ctx=ctx, runs=runs,
-                                      identity_labels=kept[0] if kept else None)
-        out[name] = summarize(correct.pop("learner"), task_ids)
-        if baselines:
-            out[name]["baselines"] = {b: summarize(c, task_ids[runs[b][1]])
-                                      for b, c in correct.items()}
+        correct = {who: [] for who in ["learner", *(baselines or {})]}
+        for _, x, y in eval_batches(x_all, y_all, task_ids, seq_len, batch_size,
+                                    identity_labels=kept[0] if kept else None):
+            correct["learner"].append(learner_predict(model, x, y, ctx) == y)   # (b, T)
+            for b, predict in (baselines or {}).items():
+                correct[b].append(predict(x, y) == y)                       # (b, T)
+        out[name] = {who: torch.cat(c) for who, c in correct.items()}
     model.train(was_training)
+    return out
+
+
+def report(correct, sets):
+    """The summaries of score()'s predictions: the learner's, and each baseline's beside the
+    learner minus it on the same sequences."""
+    out = {}
+    for name, c in correct.items():
+        task_ids = sets[name][2]
+        out[name] = summarize(c["learner"], task_ids)
+        others = {b: v for b, v in c.items() if b != "learner"}
+        if others:
+            out[name]["baselines"] = {b: dict(summarize(v, task_ids),
+                                              **paired(c["learner"], v, task_ids))
+                                      for b, v in others.items()}
     return out
 
 
 class Evaluator:
     """evaluate() the model again and again on the same sets, as meta-training does. The
     baselines read only the evaluation sequences, which never change: they are scored at the
-    first call and attached to the results of every later one."""
+    first call, and every later one pairs the learner of the moment with those predictions."""
 
     def __init__(self, model, sets, seq_len, baselines=None, ctx=None):
         self.model, self.sets, self.seq_len, self.ctx = model, sets, seq_len, ctx
         self.baselines, self.scored, self.results = baselines, None, None
 
     def __call__(self):
-        self.results = evaluate(self.model, self.sets, self.seq_len, ctx=self.ctx,
-                                baselines=None if self.scored else self.baselines)
-        if self.baselines and self.scored is None:
-            self.scored = {name: r["baselines"] for name, r in self.results.items()}
-        for name, r in self.results.items():
-            if self.scored:
-                r["baselines"] = self.scored[name]
+        correct = score(self.model, self.sets, self.seq_len, ctx=self.ctx,
+                        baselines=None if self.scored else self.baselines)
+        if self.scored is None:
+            self.scored = {name: {b: v for b, v in c.items() if b != "learner"}
+                           for name, c in correct.items()}
+        for name, c in correct.items():
+            c.update(self.scored[name])
+        self.results = report(correct, self.sets)
         return self.results
-
-
-def correct_predictions(model, x_all, y_all, task_ids, seq_len, batch_size, ctx, runs,
-                        identity_labels=None):
-    """{"learner": (N, T), baseline: (N_b, T)} bool, right or wrong at every position: each
-    evaluation sequence is made once, read by the learner and passed to every baseline whose
-    runs (name: (predict, (N,) bool)) include it.
-
-    A baseline's sequences wait until they fill a batch: SGD takes T steps whatever the batch,
-    so its sequences are better run together than a few per batch."""
-    correct = {who: [] for who in ["learner", *runs]}
-    waiting = {b: [] for b in runs}                                       # (x, y) not yet run
-
-    def run(b):
-        x, y = (torch.cat(t) for t in zip(*waiting[b]))
-        correct[b].append(runs[b][0](x, y) == y)                          # (b, T)
-        waiting[b] = []
-
-    for seq_index, x, y in eval_batches(x_all, y_all, task_ids, seq_len=seq_len,
-                                        batch_size=batch_size, identity_labels=identity_labels):
-        correct["learner"].append(learner_predict(model, x, y, ctx) == y)   # (b, T)
-        for b, (_, keep) in runs.items():
-            keep = keep[seq_index]                                        # (b,)
-            if keep.any():
-                waiting[b].append((x, y) if keep.all() else (x[keep], y[keep]))
-            if sum(len(w[1]) for w in waiting[b]) >= batch_size:
-                run(b)
-    for b in runs:
-        if waiting[b]:
-            run(b)
-    return {who: torch.cat(c) for who, c in correct.items()}
 
 
 POSITIONS = (1, 5, 10, 20, 50, 100)  # examples at which summary.json keeps the accuracy
@@ -351,8 +332,11 @@ def compact(results):
     """results without the per-position curves (for summary.json): each summary keeps first,
     last, improvement and the accuracy at the POSITIONS (1-based examples) the sequence has."""
     def brief(r):
-        out = {k: v for k, v in r.items() if k not in ("curve", "baselines")}
-        out["acc_at"] = {str(p): r["curve"][p - 1] for p in POSITIONS if p <= len(r["curve"])}
+        out = {k: v for k, v in r.items() if k not in ("curve", "baselines", "diff", "diff_ci")}
+        at = [p for p in POSITIONS if p <= len(r["curve"])]
+        out["acc_at"] = {str(p): r["curve"][p - 1] for p in at}
+        if "diff" in r:  # the learner minus this baseline, paired, and its interval
+            out["diff_at"] = {str(p): [r["diff"][p - 1], r["diff_ci"][p - 1]] for p in at}
         if "baselines" in r:
             out["baselines"] = {b: brief(s) for b, s in r["baselines"].items()}
         return out
@@ -378,13 +362,16 @@ def regime(results, base="mnist", threshold=0.05):
 
 
 def format_results(results):
-    """One row per set, and under it one indented row per baseline scored on its sequences."""
-    row = lambda name, r: (f"{name:<34} {r['first']:7.3f} {r['last']:8.3f} ± {r['last_ci']:.3f}"
-                           f" {r['improvement']:+10.3f} ± {r['improvement_ci']:.3f}")
-    lines = [f"{'set':<34} {'acc@1':>7} {'acc@last':>15} {'improvement':>17}"]
+    """One row per set, and under it one indented row per baseline scored on its sequences,
+    with the learner minus it at the last example, paired over tasks."""
+    row = lambda name, r: (f"{name:<30} {r['first']:6.3f} {r['last']:7.3f} ± {r['last_ci']:.3f}"
+                           f" {r['improvement']:+7.3f} ± {r['improvement_ci']:.3f}")
+    versus = lambda r: f" {r['diff'][-1]:+10.3f} ± {r['diff_ci'][-1]:.3f}" if "diff" in r else ""
+    lines = [f"{'set':<30} {'acc@1':>6} {'acc@last':>15} {'improvement':>15} "
+             f"{'learner - it @last':>18}"]
     for name, r in results.items():
         lines.append(row(name, r))
-        lines += [row(f"  {b} ({s['n']} seqs)", s) for b, s in r.get("baselines", {}).items()]
+        lines += [row(f"  {b}", s) + versus(s) for b, s in r.get("baselines", {}).items()]
     return "\n".join(lines)
 
 

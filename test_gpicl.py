@@ -607,7 +607,7 @@ def test_summarize_gives_the_curve_first_last_and_improvement():
     assert s["first"] == 0.25 and s["last"] == 0.75
     assert abs(s["improvement"] - 0.5) < 1e-6
     last = correct[:, -1].float()
-    assert abs(s["last_ci"] - 1.96 * last.std().item() / math.sqrt(400)) < 1e-6
+    assert abs(s["last_ci"] - gpicl.t95(399) * last.std().item() / math.sqrt(400)) < 1e-6
     assert 0 < s["improvement_ci"] < 0.1
 
 
@@ -654,7 +654,7 @@ def test_summarize_takes_intervals_over_tasks_not_sequences():
     task_ids = torch.arange(4).repeat_interleave(100) * 7 - 3             # any ids, grouped
     s = gpicl.summarize(correct, task_ids)
     assert s["last"] == 0.5 and s["tasks"] == 4 and s["n"] == 400
-    assert abs(s["last_ci"] - 1.96 * torch.tensor([1.0, 1, 0, 0]).std().item() / 2) < 1e-6
+    assert abs(s["last_ci"] - 3.182 * torch.tensor([1.0, 1, 0, 0]).std().item() / 2) < 1e-6
     assert abs(s["improvement_ci"] - s["last_ci"]) < 1e-6                 # first is all wrong
 
 
@@ -691,32 +691,61 @@ def test_evaluate_gives_the_baselines_the_very_sequences_the_learner_reads():
     x_all, y_all = torch.randn(40, 4), torch.randint(0, 10, (40,))
     task_ids = data.unseen_task_ids(3).repeat_interleave(4)             # 3 tasks x 4 sequences
     T, nn_in, sgd_in, learner = 6, [], [], RecordingLearner()
-    baselines = {"1-NN": (recording(gpicl.nearest_neighbour, nn_in), None),
-                 "SGD": (recording(gpicl.gradient_descent, sgd_in), 2)}
-    # batches of 5 cut across tasks, so SGD's first-2-per-task subset is picked within batches
+    baselines = {"1-NN": recording(gpicl.nearest_neighbour, nn_in),
+                 "SGD": recording(gpicl.gradient_descent, sgd_in)}
     r = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5,
                        baselines=baselines)["s"]
     x, y = data.task_sequences(x_all, y_all, task_ids, T, torch.arange(12), gpicl.EVAL_SEED)
     tokens = torch.cat(learner.tokens)                                  # what the learner read
     assert torch.equal(tokens, data.make_tokens(x, y))
-    assert torch.equal(torch.cat([a for a, _ in nn_in]), x) and \
-        torch.equal(torch.cat([b for _, b in nn_in]), y)                # 1-NN: every sequence
-    first2 = torch.tensor([0, 1, 4, 5, 8, 9])                           # SGD: 2 of each task,
-    assert len(nn_in) == 3 and len(sgd_in) == 1                         # gathered into 1 batch
-    assert torch.equal(torch.cat([a for a, _ in sgd_in]), x[first2]) and \
-        torch.equal(torch.cat([b for _, b in sgd_in]), y[first2])
+    for seen in (nn_in, sgd_in):                                        # every sequence, each
+        assert len(seen) == 3 and torch.equal(torch.cat([a for a, _ in seen]), x)   # batch
+        assert torch.equal(torch.cat([b for _, b in seen]), y)
     assert r["curve"] == gpicl.summarize(y == 0, task_ids)["curve"]     # the learner's own score
-    nn = gpicl.summarize(gpicl.nearest_neighbour(x, y) == y, task_ids)
-    assert r["baselines"]["1-NN"] == nn and nn["n"] == 12
-    assert r["baselines"]["SGD"]["n"] == 6 and r["baselines"]["SGD"]["tasks"] == 3
-    # the default baselines: 1-NN with the same numbers, logistic regression on up to 8
-    # sequences of each task (all 4 here), SGD on every sequence
+    nn = gpicl.nearest_neighbour(x, y) == y
+    assert r["baselines"]["1-NN"] == dict(gpicl.summarize(nn, task_ids),
+                                          **gpicl.paired(y == 0, nn, task_ids))
+    assert r["baselines"]["SGD"]["n"] == 12 and r["baselines"]["SGD"]["tasks"] == 3
     default = gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T, batch_size=5,
                              baselines=gpicl.BASELINES)["s"]
     assert list(default["baselines"]) == ["1-NN", "logistic regression", "SGD"]
     assert default["baselines"]["1-NN"] == r["baselines"]["1-NN"]
-    assert default["baselines"]["SGD"]["n"] == default["baselines"]["logistic regression"]["n"] == 12
     assert "baselines" not in gpicl.evaluate(learner, {"s": (x_all, y_all, task_ids)}, T)["s"]
+
+
+def test_paired_difference_is_over_tasks_with_a_t_interval():
+    # 4 tasks x 3 sequences, 2 positions; the learner beats the baseline by 1/3, 2/3, 0, 1/3 of
+    # a task's sequences at position 1, and ties everywhere at position 0
+    task_ids = torch.arange(4).repeat_interleave(3)
+    learner = torch.zeros(12, 2, dtype=torch.bool)
+    learner[[0, 3, 4, 9], 1] = True
+    baseline = torch.zeros(12, 2, dtype=torch.bool)
+    d = gpicl.paired(learner, baseline, task_ids)
+    per_task = torch.tensor([1, 2, 0, 1]) / 3
+    assert d["diff"] == [0.0, round(per_task.mean().item(), 4)]
+    assert d["diff_ci"][1] == round(3.182 * per_task.std().item() / 2, 4)   # t with 3 df
+    assert d["diff_ci"][0] == 0.0
+    assert gpicl.t95(15) == pytest.approx(2.1314, abs=1e-3)             # 16 tasks, not 1.96
+    assert gpicl.t95(10 ** 6) == pytest.approx(1.96, abs=1e-3)
+
+
+def test_evaluator_pairs_every_learner_with_the_baselines_scored_once():
+    torch.manual_seed(0)
+    sets = {"s": (torch.randn(40, 4), torch.randint(0, 10, (40,)),
+                  data.unseen_task_ids(3).repeat_interleave(4))}
+    calls = []
+    baselines = {"1-NN": recording(gpicl.nearest_neighbour, calls)}
+    learner = RecordingLearner()
+    evaluator = gpicl.Evaluator(learner, sets, 6, baselines)
+    first = evaluator()["s"]["baselines"]["1-NN"]
+    learner.forward = lambda tokens: F.one_hot(torch.ones(tokens.shape[:2], dtype=torch.long),
+                                               10).float()     # the learner changes: label 1
+    second = evaluator()["s"]["baselines"]["1-NN"]
+    assert len(calls) == 1                                              # scored once
+    assert second["curve"] == first["curve"] and second["diff"] != first["diff"]
+    x, y = data.task_sequences(*sets["s"][:2], sets["s"][2], 6, torch.arange(12), gpicl.EVAL_SEED)
+    assert second == dict(gpicl.summarize(gpicl.nearest_neighbour(x, y) == y, sets["s"][2]),
+                          **gpicl.paired(y == 1, gpicl.nearest_neighbour(x, y) == y, sets["s"][2]))
 
 
 def test_nearest_neighbour_predicts_the_label_of_the_nearest_earlier_example():
@@ -795,19 +824,15 @@ def test_evaluation_sequences_are_made_on_the_device_of_the_data(monkeypatch):
     assert seen == [{"meta"}]
 
 
-def test_k_nearest_refuses_more_than_one_neighbour_among_earlier_examples():
-    # at t < k there are fewer than k earlier examples: the k-th would be a later one
-    x, y = torch.randn(1, 6, 2), torch.tensor([[0, 7, 7, 7, 7, 7]])
-    with pytest.raises(ValueError, match="earlier_only"):
-        gpicl.k_nearest(x, y, x, k=3, earlier_only=True)
-    assert gpicl.k_nearest(x, y, x, k=1, earlier_only=True)[0, 1] == 0  # only label 0 is earlier
-
-
 def test_compact_keeps_accuracy_at_fixed_examples():
     s = gpicl.summarize(torch.arange(120)[None].repeat(10, 1) < torch.arange(10)[:, None] * 12)
     r = gpicl.compact({"a": dict(s, baselines={"1-NN": s})})["a"]
     assert r["acc_at"] == {"1": 0.9, "5": 0.9, "10": 0.9, "20": 0.8, "50": 0.5, "100": 0.1}
     assert "curve" not in r and r["baselines"]["1-NN"]["acc_at"] == r["acc_at"]
+    d = gpicl.paired(torch.ones(10, 120, dtype=torch.bool), torch.zeros(10, 120, dtype=torch.bool),
+                     torch.arange(10))
+    r = gpicl.compact({"a": dict(s, baselines={"1-NN": dict(s, **d)})})["a"]["baselines"]["1-NN"]
+    assert r["diff_at"]["100"] == [1.0, 0.0] and "diff" not in r
 
 
 @pytest.mark.slow
@@ -835,8 +860,10 @@ def test_train_shows_the_baselines_in_table_log_and_summary_and_the_flag_removes
             assert s["last"] == b["1-NN"]["last"]
         lines = printed.splitlines()
         at = lines.index(next(l for l in lines if l.startswith("unseen random")))
-        assert [l.split(" (")[0] for l in lines[at + 1:at + 4]] == [
+        assert [l[:22].rstrip() for l in lines[at + 1:at + 4]] == [
             "  1-NN", "  logistic regression", "  SGD"]
+        diff = ev["unseen random"]["baselines"]["SGD"]["diff"][-1]
+        assert f"{diff:+.3f}" in lines[at + 3]                         # learner - SGD, paired
 
 
 

@@ -146,8 +146,11 @@ class InContextClassifier:
 # Baselines on the same context rows (already z-normalised): kNN and logistic regression
 
 def knn_predict(x_ctx, y_ctx, x_query, k=1):
-    """The evaluation's k-NN (gpicl.k_nearest) on one context: (n, d), (n,), (Q, d) -> (Q,)."""
-    return gpicl.k_nearest(x_ctx[None], y_ctx[None], x_query[None], k)[0]
+    """k-NN on one context: the majority label of the k nearest rows (Euclidean), a tie in the
+    vote going to the nearest one's label. (n, d), (n,), (Q, d) -> (Q,)."""
+    nearest = torch.cdist(x_query, x_ctx).topk(min(k, len(y_ctx)), largest=False).indices
+    votes = F.one_hot(y_ctx[nearest], data.NUM_CLASSES).float()              # (Q, k, C)
+    return (votes.sum(1) + 0.5 * votes[:, 0]).argmax(-1)                     # (Q,)
 
 
 def logreg_predict(x_ctx, y_ctx, x_query, l2=1e-2, steps=500):
