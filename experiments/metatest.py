@@ -351,6 +351,12 @@ def get_parser():
     u.add_argument("--context", type=int, default=99)
     u.add_argument("--queries", type=int, default=100)
     u.add_argument("--members", type=int, default=16)
+    c = sub.add_parser("paired", help="the learner minus 1-NN, logistic regression and SGD, "
+                                      "paired over unseen tasks of its base dataset")
+    c.add_argument("--ckpt", required=True)
+    c.add_argument("--tasks", type=int, default=64, help="unseen tasks")
+    c.add_argument("--seqs", type=int, default=16, help="sequences per task")
+    c.add_argument("--out", help="also write the numbers as JSON here")
     t = sub.add_parser("table1", help="the paper's Table 1 for one or more checkpoints")
     t.add_argument("ckpts", nargs="+")
     t.add_argument("--tasks", type=int, default=32, help="unseen tasks per dataset")
@@ -382,7 +388,7 @@ def meta_test(argv):
             gpicl.load_learner(path)
         except ValueError as e:  # missing, truncated, corrupted, refused, or not train.py's
             p.error(str(e))
-    if args.command == "csv":
+    if args.command in ("csv", "paired") and args.out is not None:
         check_out_file(p, "--out", args.out)
     if args.command == "table1":
         try:
@@ -396,11 +402,49 @@ def meta_test(argv):
             run_csv(args)
         elif args.command == "uci":
             run_uci(args)
+        elif args.command == "paired":
+            run_paired(args)
         else:
             print(table1(args.ckpts, eval_tasks=args.tasks, eval_seqs=args.seqs, out_dir=args.out_dir,
                          device=args.device))
     except (OSError, ValueError) as e:
         p.error(str(e))
+
+
+def compare_paired(checkpoint, tasks=64, seqs=16, device="cpu"):
+    """The learner against every baseline on `tasks` unseen tasks x `seqs` sequences of its base
+    dataset's test split, each baseline reading every sequence the learner reads, the learner
+    minus it paired over tasks (gpicl.paired). Logistic regression's L2 is chosen on training
+    tasks, as train.py chooses it. -> (gpicl.evaluate's summary of the set, the L2)"""
+    model, ckpt = gpicl.load_learner(checkpoint, device)
+    flags = ckpt["flags"]
+    base = data.load_dataset(flags["dataset"], flags["image_size"], device)
+    unseen = data.unseen_task_ids(tasks, device).repeat_interleave(seqs)
+    l2 = gpicl.choose_l2(*base["train"], flags["seq_len"])
+    sets = {"unseen": (*base["test"], unseen)}
+    return gpicl.evaluate(model, sets, flags["seq_len"], baselines=gpicl.make_baselines(l2))[
+        "unseen"], l2
+
+
+def run_paired(args):
+    r, l2 = compare_paired(args.ckpt, args.tasks, args.seqs, args.device)
+    at = [p for p in gpicl.POSITIONS if p <= len(r["curve"])]
+    print(f"{args.ckpt}: unseen tasks x sequences = {args.tasks} x {args.seqs}; accuracy at "
+          f"examples {', '.join(map(str, at))}; the learner minus each baseline, paired over "
+          f"tasks, 95% t interval")
+    print(f"{'learner':<22}" + "".join(f"{r['curve'][p - 1]:>16.3f}" for p in at))
+    for b, s in r["baselines"].items():
+        print(f"{b:<22}" + "".join(f"{s['curve'][p - 1]:>16.3f}" for p in at))
+        print(f"{'  learner - ' + b[:10]:<22}" + "".join(
+            f"{s['diff'][p - 1]:>+9.3f} ± {s['diff_ci'][p - 1]:.3f}" for p in at))
+    if args.out:
+        from findings import source_commit  # (findings imports this file: import it late)
+        record = dict(checkpoint=args.ckpt, tasks=args.tasks, seqs=args.seqs, l2=l2,
+                      commit=source_commit(), command="python experiments/metatest.py paired "
+                      f"--ckpt {args.ckpt} --tasks {args.tasks} --seqs {args.seqs}",
+                      results=gpicl.compact({"unseen": r})["unseen"])
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 def run_uci(args):

@@ -217,3 +217,26 @@ def test_table1_reports_missing_datasets_and_writes_the_right_values(tmp_path):
     expect = 100 * (gpicl.learner_predict(model, x, y)[:, -1] == y[:, -1]).float().mean().item()
     assert sgd_row["learner"] == "sgd"
     assert abs(sgd_row["accuracy_pct"]["Random"]["acc"] - expect) < 0.01, (expect, sgd_row)
+
+
+def test_paired_command_reports_the_learner_minus_each_baseline_on_the_same_sequences(tmp_path,
+                                                                                     capsys):
+    ckpt = tiny_checkpoint(tmp_path / "t.pt", image_size=4, seq_len=10, width=8, n_layer=1,
+                           n_head=2)
+    out = tmp_path / "paired.json"
+    metatest.main(["--threads", "1", "paired", "--ckpt", ckpt, "--tasks", "3", "--seqs", "2",
+                   "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    r = json.load(open(out))
+    assert (r["tasks"], r["seqs"], r["results"]["n"]) == (3, 2, 6) and r["commit"]
+    # the same numbers, from the evaluation itself: every baseline on all 6 sequences
+    s, l2 = metatest.compare_paired(ckpt, 3, 2)
+    assert l2 == r["l2"] and s["last"] == r["results"]["last"]
+    for b in ("1-NN", "logistic regression", "SGD"):
+        got = r["results"]["baselines"][b]
+        assert got["n"] == 6 and got["diff_at"]["10"] == [s["baselines"][b]["diff"][9],
+                                                          s["baselines"][b]["diff_ci"][9]]
+        assert s["baselines"][b]["diff"][9] == pytest.approx(s["curve"][9] -
+                                                             s["baselines"][b]["curve"][9],
+                                                             abs=1e-3)  # mean of diffs
+    assert any(l.startswith("  learner - SGD") for l in printed)
