@@ -1201,6 +1201,7 @@ def test_lstm_with_state_size_1024_starts_and_reports_it(tmp_path):
     assert first.startswith("preset cpu: lstm (width 512, n_layer 1; state size 1,024 floats")
     # 7x7; the meta-parameters: 2,399,754 weights less the 2,048 of the frozen bias_hh
     assert "2,397,706 parameters" in first
+    assert p.stdout.splitlines()[1].startswith("what to expect: in 13 minutes on 2 CPU cores")
     summary = json.load(open(tmp_path / "r" / "summary.json"))
     assert summary["state_size"] == 1024 and summary["parameters"] == 2397706
 

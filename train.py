@@ -268,6 +268,11 @@ def build_learner(parser, args):
               f"{model.state_size(args.seq_len):,} floats; {models.num_params(model):,} "
               f"parameters) on {args.image_size}x{args.image_size} {args.dataset}, "
               f"{args.steps:,} steps{budget} of {args.batch_size:,} sequences, {args.device}")
+        if args.preset == "cpu" and args.model == "lstm" and sizes["width"] > 64:  # no surprise
+            print("what to expect: in 13 minutes on 2 CPU cores this LSTM stays on the loss "
+                  "plateau, at chance (1,919 steps at state 1,024: results/learning_curves.jsonl)."
+                  " The preset's 64-wide LSTM (`--model lstm`) leaves it near step 11,700 "
+                  "(results/state_size.jsonl); a GPU (--preset paper) gives 50,000 steps.")
     return model, model_args
 
 
