@@ -6,6 +6,7 @@ Reproduce the paper's findings, one command each (Kirsch et al. 2022, sections 3
     python experiments/findings.py plateaus     ...
     python experiments/findings.py learning_curves ...
     python experiments/findings.py lstm_levers  ...  # the search for an LSTM that learns on a CPU
+    python experiments/findings.py window       ...  # the state moved alone, parameters kept
     python experiments/findings.py NAME --plot  # results/NAME.png, drawn from the JSONL alone
     python experiments/findings.py run RUN_DIR  # one run's learning curves: RUN_DIR/curves.png
 
@@ -483,7 +484,8 @@ def state_size_data(records, base, others):
 
 def plateaus_data(records, base, others):
     """{factor: the runs that move it alone on PLATEAU_BASE, by its value: the plateau's end,
-    the generalisation onset, the loss curves}; for the batch size, the power law's exponent."""
+    the generalisation onset, the loss curves}; for the batch size, the power law's exponent
+    and intercept (log plateau = intercept + exponent x log batch)."""
     out = {}
     for var in PLATEAU_BASE:
         rs = sorted([r for r in records
@@ -503,26 +505,41 @@ def plateaus_data(records, base, others):
         mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
         sxx = sum((x - mx) ** 2 for x, _ in pts)
         bs["exponent"] = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else None
+        bs["intercept"] = None if bs["exponent"] is None else my - bs["exponent"] * mx
     return out
 
 
 def lstm_levers_data(records, base, others):
-    """One row per run: the learner, its lever, the plateau's end, the loss at the end, unseen
-    accuracy at the first and the last example."""
+    """One row per run: the learner and its state, its lever, the plateau's end, the loss at the
+    end, unseen accuracy at the first and the last example, the gain between them."""
     key = f"unseen {base}"
     lever = lambda p: ",".join(f"{k}={v}" for k, v in p.items() if k not in LEARNER_KEYS)
     return [dict(id=r["id"], learner=r["params"]["model"], lever=lever(r["params"]) or "base",
+                 state_size=r["summary"]["state_size"],
                  steps=r["summary"]["step"], loss=r["loss"][-1][1],
                  plateau=plateau_length(r["loss"]), first=r["final"][key]["first"],
                  last=r["final"][key]["last"], last_ci=r["final"][key]["last_ci"],
+                 gain=r["final"][key]["improvement"], gain_ci=r["final"][key]["improvement_ci"],
                  curve=r["final"][key]["curve"], loss_curve=r["loss"]) for r in records]
 
 
+def learner_label(params, summary):
+    """'Transformer 128 wide, state 51,200'; an LSTM sized by --state-size says that it is not
+    the cpu preset's (train.CPU_LEARNER_WIDTH)."""
+    m = params["model"]
+    width = params.get("width") or summary.get("flags", {}).get("width")
+    label = MODEL_NAME.get(m, m) + (f" {width} wide" if m == "transformer" and width else "")
+    if m in ("sgd", "maml"):
+        return label + " (no meta-training)" if m == "sgd" else label
+    label += f", state {summary['state_size']:,}"
+    if "state_size" in params and m in train.CPU_LEARNER_WIDTH:
+        label += f" (not the preset's {train.CPU_LEARNER_WIDTH[m]}-wide)"
+    return label
+
+
 def learning_curves_data(records, base, others):
-    """{learners: {run: {set: curve}}, baselines: {set: {baseline: curve}}}."""
-    label = lambda p: p["model"] + (f" d{p['width']}" if "width" in p else "")
-    learners = {label(r["params"]): {k: v["curve"] for k, v in r["final"].items()}
-                for r in records}
+    """{learners: {label: {set: curve}}, baselines: {set: {baseline: curve}}}. The SGD run is
+    left out of the learners where SGD is a baseline (the same learner, drawn once)."""
     # the baselines read only the evaluation sequences, which the runs of one sweep share (same
     # flags), so the first run that has them speaks for all
     baselines = {}
@@ -530,10 +547,50 @@ def learning_curves_data(records, base, others):
         for k, v in r["final"].items():
             for b, s in v.get("baselines", {}).items():
                 baselines.setdefault(k, {}).setdefault(b, s["curve"])
+    has_sgd = any("SGD" in b for b in baselines.values())
+    learners = {learner_label(r["params"], r["summary"]):
+                {k: v["curve"] for k, v in r["final"].items()}
+                for r in records if not (r["params"]["model"] == "sgd" and has_sgd)}
     return dict(learners=learners, baselines=baselines)
 
 
+# -----------------------------------------------------------------------------
+# The figures' style: saved at DPI, meant to be shown at their size in inches, no text under
+# 9 pt; constrained layout, so that the legends and keys outside the axes keep their room
+
+DPI = 150
+STYLE = {"font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "xtick.labelsize": 9.5,
+         "ytick.labelsize": 9.5, "legend.fontsize": 9.5, "legend.title_fontsize": 10,
+         "figure.titlesize": 11.5, "savefig.dpi": DPI, "figure.constrained_layout.use": True}
+MODEL_NAME = {"transformer": "Transformer", "lstm": "LSTM", "outer_lstm": "outer-product LSTM",
+              "fwm": "fast-weight memory", "mlp": "MLP", "sgd": "SGD", "maml": "MAML"}
+DATASET_NAME = {"mnist": "MNIST", "uci_digits": "UCI digits", "random": "Random (noise images)",
+                "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST", "cifar10": "CIFAR-10",
+                "svhn": "SVHN"}
 REGIME_LETTER = {"instance memorisation": "I", "task memorisation": "T", "learning-to-learn": "L"}
+REGIME_KEY = "I instance memorisation, T task memorisation, L learning-to-learn"
+
+
+def save(plt, draw, path):
+    """draw() -> a figure, drawn in STYLE and saved at DPI into path."""
+    with plt.rc_context(STYLE):
+        fig = draw()
+        fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    import matplotlib  # optional: only figures need it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(name, records, path):
+    """Draw experiment `name`'s figure from its records into path (a PNG)."""
+    plt = pyplot()
+    return save(plt, lambda: FIGURES[name][1](plt, figure_data(name, records)), path)
 
 
 def legend(a, **kw):
@@ -542,164 +599,296 @@ def legend(a, **kw):
         a.legend(**kw)
 
 
-def plot(name, records, path):
-    """Draw experiment `name`'s figure from its records into path (a PNG)."""
-    import matplotlib  # optional: only figures need it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig = FIGURES[name][1](plt, figure_data(name, records))
-    fig.tight_layout()
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
-    return path
+def outside(a, **kw):
+    """a's legend to the right of its axes, off the data."""
+    legend(a, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, **kw)
+
+
+def set_name(key):
+    """'unseen uci_digits' -> 'UCI digits, unseen tasks'"""
+    kind, _, ds = key.partition(" ")
+    ds = DATASET_NAME.get(ds, ds)
+    return {"seen": f"{ds}, seen tasks", "unseen": f"{ds}, unseen tasks",
+            "identity": f"{ds} as it is (no projection)"}.get(kind, key)
 
 
 def tasks_label(n):
-    return "fresh" if n is None else f"2^{int(round(math.log2(n)))}"
+    return "fresh" if n is None else f"$2^{{{int(round(math.log2(n)))}}}$"
 
 
 def draw_transitions(plt, d):
-    """Per model: heatmaps of seen and unseen accuracy (width x tasks, each cell's regime), and
-    the widest model's gain along the sequence by the number of tasks."""
-    fig, ax = plt.subplots(len(d), 3, figsize=(13, 3.4 * len(d)), squeeze=False)
-    for row, (m, g) in zip(ax, d.items()):
-        for a, key in zip(row[:2], ("seen", "unseen")):
-            grid = [[math.nan if v is None else v for v in line] for line in g[key]]
-            im = a.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-            for i, line in enumerate(grid):
-                for j, v in enumerate(line):
-                    if not math.isnan(v):  # a cell the sweep has not reached yet stays blank
-                        letter = REGIME_LETTER.get(g["regime"][i][j], "?")
-                        a.text(j, i, f"{v:.2f} {letter}", ha="center", va="center",
-                               fontsize=7, color="k" if v > 0.5 else "w")
-            a.set_xticks(range(len(g["tasks"])), [tasks_label(n) for n in g["tasks"]], fontsize=7)
-            a.set_yticks(range(len(g["widths"])), g["widths"])
-            a.set(title=f"{m}: {key} tasks, acc@last", ylabel="width",
-                  xlabel="number of tasks (cell: acc, regime I/T/L)")
-        fig.colorbar(im, ax=row[1])
-        x, i = range(len(g["tasks"])), g["widths"].index(max(g["widths"]))
-        for k, v in g["improvement"].items():
-            row[2].errorbar(x, [math.nan if u is None else u for u in v[i]],
-                            yerr=[0 if u is None else u for u in g["improvement_ci"][k][i]],
-                            label=k, marker="o")
-        for j, rg in enumerate(g["regime"][i]):
-            row[2].text(j, -0.12, REGIME_LETTER.get(rg, "?"), ha="center", fontsize=8)
-        row[2].set_xticks(list(x), [tasks_label(n) for n in g["tasks"]], fontsize=7)
-        row[2].set(title=f"{m} d{g['widths'][i]}: accuracy gain, last - first", ylim=(-0.2, 1),
-                   xlabel="tasks (regime: I/T instance/task memorised, L learns)")
-        row[2].axhline(0, color="k", lw=0.5)
-        row[2].legend(fontsize=7)
+    """Per model: heatmaps of seen and unseen accuracy at the last example (width x number of
+    tasks, each cell's regime a letter), and below, per set, the gain along the sequence
+    against the number of tasks, a line per width."""
+    fig = plt.figure(figsize=(12, 8 * len(d)))
+    for sub, (m, g) in zip(fig.subfigures(len(d), 1, squeeze=False)[:, 0], d.items()):
+        top, bottom = sub.subfigures(2, 1, height_ratios=[1.05, 1])
+        heat = top.subplots(1, 2)
+        for a, key in zip(heat, ("seen", "unseen")):
+            im = heatmap(a, g, key)
+            a.set_title(set_name(next(k for k in g["improvement"] if k.split()[0] == key)))
+        top.colorbar(im, ax=heat, label="accuracy at the last example (%)", shrink=0.9)
+        top.suptitle(f"{MODEL_NAME.get(m, m)}: accuracy at the last example (%) and the "
+                     f"regime by the rule:\n{REGIME_KEY}")
+        gains(bottom, g)
     return fig
+
+
+def heatmap(a, g, key):
+    """g[key] (rows: widths, columns: numbers of tasks) in %, each cell's value and regime."""
+    grid = [[math.nan if v is None else 100 * v for v in line] for line in g[key]]
+    im = a.imshow(grid, vmin=0, vmax=100, cmap="viridis", origin="lower", aspect="auto")
+    for i, line in enumerate(grid):
+        for j, v in enumerate(line):
+            if not math.isnan(v):  # a cell the sweep has not reached yet stays blank
+                a.text(j, i, f"{v:.0f}\n{REGIME_LETTER.get(g['regime'][i][j], '?')}",
+                       ha="center", va="center", fontsize=10, linespacing=1.4,
+                       color="k" if v > 55 else "w")
+    a.set_xticks(range(len(g["tasks"])), [tasks_label(n) for n in g["tasks"]])
+    a.set_yticks(range(len(g["widths"])), g["widths"])
+    a.set(xlabel="number of tasks in meta-training", ylabel="width")
+    return im
+
+
+def gains(sub, g):
+    """One panel per evaluation set: the gain (last - first example) with its 95% interval
+    against the number of tasks, a line per width."""
+    sets = list(g["improvement"])
+    ax = sub.subplots(1, len(sets), sharey=True, squeeze=False)[0]
+    x = range(len(g["tasks"]))
+    for a, k in zip(ax, sets):
+        for i, w in enumerate(g["widths"]):
+            pct = lambda v, none: none if v is None else 100 * v
+            a.errorbar(x, [pct(v, math.nan) for v in g["improvement"][k][i]],
+                       yerr=[pct(v, 0) for v in g["improvement_ci"][k][i]], capsize=2,
+                       marker="osD^v"[i % 5], color=f"C{i}", label=f"width {w}")
+        a.axhline(0, color="k", lw=0.6)
+        a.set_xticks(x, [tasks_label(n) for n in g["tasks"]])
+        a.set(title=set_name(k), xlabel="number of tasks in meta-training")
+    ax[0].set_ylabel("gain (percentage points)")
+    outside(ax[-1])
+    sub.suptitle("gain along the sequence: accuracy at the last minus the first example, "
+                 "with its 95% interval")
 
 
 def draw_state_size(plt, d):
-    """Unseen accuracy at the last example against the state size and against the parameters."""
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    # a series is one kind of learner widened, or a Transformer at one width over key sizes;
-    # against the state a line joins it, against the parameters it is points only
-    series = lambda p: p["model"] + (f" w{p['width']}" if p.get("key_size") else "")
-    for m in sorted({series(p) for p in d}):
+    """Unseen accuracy at the last example against the state size and against the parameters;
+    a Transformer labelled by its width and key size."""
+    from matplotlib.lines import Line2D
+    fig, ax = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
+    style = lambda m: (f"C{list(MODEL_NAME).index(m)}" if m in MODEL_NAME else "k",
+                       "osD^x"[list(MODEL_NAME).index(m) % 5] if m in MODEL_NAME else "o")
+    # a series: a Transformer at one width over key sizes (a line joins it against the state),
+    # or one kind of learner widened (points only)
+    series = lambda p: (p["model"], p["width"] if p["model"] == "transformer" else None)
+    for s in dict.fromkeys(series(p) for p in d):
         for a, key in zip(ax, ("state_size", "parameters")):
-            ps = sorted([p for p in d if series(p) == m], key=lambda p: p[key])
-            a.errorbar([max(p[key], 1) for p in ps], [p["unseen"] for p in ps],
-                       yerr=[p["unseen_ci"] for p in ps], marker="o", label=m,
-                       ls="-" if key == "state_size" else "none", capsize=2)
-            for p in ps:  # the width (and key size) next to each point
-                tag = f"w{p['width']}" + (f" k{p['key_size']}" if p.get("key_size") else "")
-                a.annotate(tag, (max(p[key], 1), p["unseen"]), fontsize=7,
-                           xytext=(4, 4), textcoords="offset points")
-    for a, key in zip(ax, ("state size (floats)", "parameter count")):
-        a.set(xscale="log", xlabel=key, ylabel="accuracy @ last position",
-              title=f"unseen tasks (meta-training dataset) vs {key.split(' (')[0]}")
-        a.axhline(CHANCE, color="k", lw=0.5, ls=":")
-        a.legend(fontsize=8)
+            ps = sorted([p for p in d if series(p) == s and p[key] > 0], key=lambda p: p[key])
+            if ps:  # the MLP has no state: it is left off the state's log axis
+                c, mk = style(s[0])
+                a.errorbar([p[key] for p in ps], [p["unseen"] for p in ps], color=c, marker=mk,
+                           yerr=[p["unseen_ci"] for p in ps], capsize=3, ms=7,
+                           ls="-" if key == "state_size" and s[1] else "none", zorder=3)
+            for p in (p for p in ps if p["model"] == "transformer"):
+                a.annotate(f"w{p['width']} k{p['key_size']}", (p[key], p["unseen"]),
+                           xytext=(7, 0), textcoords="offset points", va="center", fontsize=9.5,
+                           bbox=dict(fc="white", ec="none", alpha=0.8, pad=0.5))
+    for a in ax:
+        a.axhline(CHANCE, color="0.5", lw=0.8)
+        a.set(xscale="log")
+    stateless = sorted({MODEL_NAME.get(p["model"], p["model"]) for p in d if not p["state_size"]})
+    ax[0].set(xlabel="state size (floats carried from one step to the next)",
+              ylabel="unseen-task accuracy at the last example",
+              title="against the state" + (f" ({', '.join(stateless)}: state 0, not drawn)"
+                                           if stateless else ""))
+    ax[1].set(xlabel="parameters", title="against the parameter count")
+    kinds = list(dict.fromkeys(p["model"] for p in d))
+    handles = [Line2D([], [], color=style(m)[0], marker=style(m)[1], ls="none", ms=7,
+                      label=MODEL_NAME.get(m, m) + (" (wW kK: width, key size)"
+                                                    if m == "transformer" else ""))
+               for m in kinds] + [Line2D([], [], color="0.5", lw=0.8, label="chance")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4))
     return fig
+
+
+FACTOR_NAME = {"batch_size": "batch size (sequences a step)", "adam_eps_root": "Adam's eps_root",
+               "bias": "bias F (share of task ids with identity labels)"}
+FACTOR_SHORT = {"batch_size": "batch", "adam_eps_root": "eps_root", "bias": "bias"}
 
 
 def draw_plateaus(plt, d):
     """Per factor: the training loss as it moves, and the step each plateau (and the
     generalisation onset) ends, open where it does not within the run."""
-    fig, ax = plt.subplots(2, 3, figsize=(14, 7))
+    fig, ax = plt.subplots(2, len(d), figsize=(13, 8.5), squeeze=False)
     for col, (var, g) in enumerate(d.items()):
-        for v, loss in zip(g["values"], g["loss"]):
-            ax[0, col].plot([s for s, _ in loss], [l for _, l in loss], lw=0.8, label=f"{var}={v}")
-        ax[0, col].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
-        low = min([PLATEAU_LOSS - 0.5] + [l for loss in g["loss"] for _, l in loss])
-        ax[0, col].set(title=f"training loss, varying {var}", xlabel="step",
-                       ylim=(low - 0.05, PLATEAU_LOSS + 0.3))
-        legend(ax[0, col], fontsize=7)
-        categorical = var != "batch_size"  # bias and eps_root include 0: no log axis
-        xs = list(range(len(g["values"]))) if categorical else g["values"]
-        for key, mk, c in (("plateau", "o", "C0"), ("onset", "s", "C1")):
-            done = [(x, p) for x, p in zip(xs, g[key]) if p]
-            never = [(x, s) for x, p, s in zip(xs, g[key], g["steps"]) if not p]
-            for pts, fill, what in ((done, c, key), (never, "none", f"no {key} end by step")):
-                if pts:
-                    ax[1, col].scatter(*zip(*pts), marker=mk, facecolors=fill, edgecolors=c,
-                                       label=what)
-        ax[1, col].set(xlabel=var, ylabel="step", title=f"plateau length vs {var}" +
-                       (f" (slope {g['exponent']:.2f})" if g.get("exponent") is not None else ""))
-        if categorical:
-            ax[1, col].set_xticks(xs, g["values"])
-        else:
-            batch_axis(ax[1, col], xs, g)
-        legend(ax[1, col], fontsize=7)
+        loss_panel(ax[0, col], var, g)
+        ends_panel(ax[1, col], var, g)
+    ax[0, 0].set_ylabel("training loss (nats)")
+    ax[1, 0].set_ylabel("step it ends at")
+    base = ", ".join(f"{FACTOR_SHORT.get(k, k)} {v:g}" for k, v in PLATEAU_BASE.items())
+    fig.suptitle(f"Each column moves one factor of the base run ({base})")
+    handles, labels = zip(*plateau_key(d))
+    from matplotlib.legend_handler import HandlerTuple
+    fig.legend(handles, labels, loc="outside lower center", ncol=2,
+               handler_map={tuple: HandlerTuple(ndivide=None)})
     return fig
+
+
+def loss_panel(a, var, g):
+    for v, loss in zip(g["values"], g["loss"]):
+        a.plot(*zip(*loss), lw=1.2, label=f"{v:g}")
+    a.axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.8, ls=":")
+    low = min([PLATEAU_LOSS - 0.5] + [l for loss in g["loss"] for _, l in loss])
+    a.set(xlabel="step", ylim=(low - 0.05, PLATEAU_LOSS + 0.3))
+    legend(a, title=f"training loss, {FACTOR_SHORT.get(var, var)} =", loc="lower center",
+           bbox_to_anchor=(0.5, 1.0), ncol=max(1, len(g["values"])), handlelength=1.2,
+           columnspacing=1.0, frameon=False, borderaxespad=0.2)
+
+
+def ends_panel(a, var, g):
+    """Where the plateau ends (circle) and where generalisation sets in (square, beside it)."""
+    categorical = var != "batch_size"  # bias and eps_root include 0: no log axis
+    xs = list(range(len(g["values"]))) if categorical else g["values"]
+    beside = (lambda x: x + 0.15) if categorical else (lambda x: x * 1.12)
+    for key, mk, c, at in (("plateau", "o", "C0", lambda x: x), ("onset", "s", "C1", beside)):
+        for x, p, steps in zip(xs, g[key], g["steps"]):
+            a.scatter(at(x), p or steps, marker=mk, s=50, edgecolors=c, linewidths=1.5,
+                      facecolors=c if p else "white", zorder=3)
+    a.set(xlabel=FACTOR_NAME.get(var, var),
+          title=f"when each ends, by {FACTOR_SHORT.get(var, var)}")
+    if categorical:
+        a.set_xticks(xs, [f"{v:g}" for v in g["values"]])
+        a.set_xlim(-0.5, len(xs) - 0.3)
+    else:
+        batch_axis(a, xs, g)
 
 
 def batch_axis(a, xs, g):
-    """The plateau against the batch size on log-log axes, each end marked with the sequences
-    seen by then."""
+    """The plateau against the batch size on log-log axes with the power law fitted to it, each
+    end labelled with the sequences seen by then."""
+    if g.get("exponent") is not None:
+        lo, hi = min(xs), max(xs)
+        grid = [lo * (hi / lo) ** (i / 20) for i in range(21)]
+        a.plot(grid, [math.exp(g["intercept"]) * b ** g["exponent"] for b in grid], "k--", lw=1)
     for x, p, n in zip(xs, g["plateau"], g["sequences"]):
         if p:
-            a.annotate(f"{n / 1000:.0f}k sequences", (x, p), fontsize=7, xytext=(0, 7),
-                       textcoords="offset points", ha="center")
+            a.annotate(f"{n / 1000:.0f}k seq. seen", (x, p), xytext=(-6, -6), fontsize=9,
+                       textcoords="offset points", ha="right", va="top")
     a.set(xscale="log", yscale="log")
-    a.margins(x=0.15, y=0.1)
+    a.margins(x=0.3, y=0.12)
     a.minorticks_off()
     lo, hi = a.get_ylim()
     ticks = [t for t in (m * 10 ** k for k in range(2, 6) for m in (1, 2, 3, 5, 7)) if lo <= t <= hi]
-    a.set_yticks(ticks, [str(t) for t in ticks])
+    a.set_yticks(ticks, [f"{t:,}" for t in ticks])
     a.set_xticks(xs, [str(v) for v in xs])
 
 
+def plateau_key(d):
+    """The plateau figure's key: (handle, label) for the threshold, the markers and the fit."""
+    from matplotlib.lines import Line2D
+    dot = lambda mk, c, fill: Line2D([], [], ls="none", marker=mk, ms=7, mfc=fill, mec=c, mew=1.5)
+    key = [(Line2D([], [], color="k", lw=0.8, ls=":"), f"ln 10 − {DELTA}: the plateau ends when "
+            f"the loss (mean of {WINDOW} records) drops below it"),
+           (dot("o", "C0", "C0"), "the loss plateau ends"),
+           (dot("s", "C1", "C1"), f"generalisation onset: unseen accuracy at the last example "
+            f"above {CHANCE + 0.1:.1f}"),
+           ((dot("o", "C0", "white"), dot("s", "C1", "white")),
+            "open: not within the run (drawn at its last step)")]
+    slope = d.get("batch_size", {}).get("exponent")
+    if slope is not None:
+        key.append((Line2D([], [], color="k", lw=1, ls="--"),
+                    f"power law fitted to the plateau's ends: step ∝ batch$^{{{slope:.2f}}}$"))
+    return key
+
+
+LEVER_NAME = {"base": "batch 64, lr 1e-3, bias 0.5", "lr=0.003": "lr 3e-3",
+              "bias=0.9": "bias 0.9",
+              "bias=0.9,bias_steps=1000": "bias 0.9, then 0 from step 1,000",
+              "lookup_steps=500,lookup_seq_len=20": "lookup curriculum, 500 steps",
+              "grad_clip=1.0": "gradient clipping at 1", "batch_size=128": "batch 128"}
+lever_name = lambda lever: LEVER_NAME.get(lever, lever.replace(",", ", ").replace("=", " "))
+
+
 def draw_lstm_levers(plt, d):
-    """The training loss zoomed on the plateau, and unseen accuracy along the sequence: a colour
-    per lever, the LSTM solid, the outer-product LSTM dashed."""
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-    colour = {l: f"C{i}" for i, l in enumerate(dict.fromkeys(r["lever"] for r in d))}
-    for r in d:
-        ls, c = "--" if r["learner"] == "outer_lstm" else "-", colour[r["lever"]]
-        ax[0].plot(*zip(*r["loss_curve"]), lw=0.8, ls=ls, color=c,
-                   label=f"{r['learner']} {r['lever']}")
-        ax[1].plot(range(1, len(r["curve"]) + 1), r["curve"], color=c, lw=1, ls=ls)
-    ax[0].axhline(PLATEAU_LOSS, color="k", lw=0.5)
-    ax[0].axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.5, ls=":")
-    ax[0].set(title="training loss (black: ln 10; dotted: the plateau's end)", xlabel="step",
-              ylim=(min([PLATEAU_LOSS - 0.3] + [l for r in d for _, l in r["loss_curve"]]),
-                    PLATEAU_LOSS + 0.1))                 # zoomed on the plateau unless left
-    ax[0].legend(fontsize=6, ncol=2)
-    ax[1].axhline(CHANCE, color="k", lw=0.5, ls=":")
-    ax[1].set(title="unseen tasks, the last evaluation", xlabel="examples seen",
-              ylabel="accuracy", ylim=(0, 1))
+    """Small multiples of the training loss, zoomed on the plateau: a row per learner, a column
+    per lever, each beside the base run; below, each run's gain along the sequence."""
+    import textwrap
+    learners = sorted({r["learner"] for r in d},
+                      key=lambda m: (m not in MODEL_NAME, m != "lstm", m))   # the LSTM first
+    levers = sorted(dict.fromkeys(r["lever"] for r in d), key=lambda lever: lever != "base")
+    shown = [lever for lever in levers if lever != "base"] or levers
+    fig = plt.figure(figsize=(12, 9))
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    ax = top.subplots(len(learners), len(shown), sharex=True, sharey=True, squeeze=False)
+    losses = [l for r in d for _, l in r["loss_curve"]]
+    for row, m in zip(ax, learners):
+        runs = {r["lever"]: r for r in d if r["learner"] == m}
+        for a, lever in zip(row, shown):
+            # the base wide and light beneath: a lever that changes nothing shows both
+            for name, colour, lw in (("base", "0.75", 2.8), (lever, "C0", 1.2)):
+                if name in runs:
+                    a.plot(*zip(*runs[name]["loss_curve"]), color=colour, lw=lw)
+            a.axhline(PLATEAU_LOSS - DELTA, color="k", lw=0.8, ls=":")
+            a.xaxis.set_major_locator(plt.MaxNLocator(3, steps=[1, 2, 5, 10]))
+        state = next(iter(runs.values()))["state_size"]
+        row[0].set_ylabel(f"{MODEL_NAME.get(m, m)}\nstate {state:,}\nloss (nats)")
+    for a, lever in zip(ax[0], shown):
+        a.set_title(textwrap.fill(lever_name(lever), 18))
+    for a in ax[-1]:
+        a.set_xlabel("step")
+    ax[0, 0].set_ylim(min([PLATEAU_LOSS - DELTA - 0.02] + losses),
+                      max([PLATEAU_LOSS] + losses) + 0.01)           # zoomed on the plateau
+    top.suptitle(f"training loss of each lever (blue) beside the base run (grey: "
+                 f"{lever_name('base')}); dotted: ln 10 − {DELTA}, where the plateau ends")
+    lever_gains(bottom.subplots(), d, learners, levers)
     return fig
 
 
+def lever_gains(a, d, learners, levers):
+    import textwrap
+    for i, m in enumerate(learners):
+        rows = {r["lever"]: r for r in d if r["learner"] == m}
+        shift = (i - (len(learners) - 1) / 2) * 0.2
+        at = [lever for lever in levers if lever in rows]
+        a.errorbar([levers.index(lever) + shift for lever in at],
+                   [100 * rows[lever]["gain"] for lever in at], capsize=3, ms=7,
+                   yerr=[100 * rows[lever]["gain_ci"] for lever in at], fmt="os"[i % 2],
+                   color=("k", "0.55")[i % 2], label=MODEL_NAME.get(m, m))
+    a.axhline(0, color="k", lw=0.6)
+    a.set_xticks(range(len(levers)), [textwrap.fill("none (the base)" if lever == "base" else
+                                                    lever_name(lever), 15) for lever in levers])
+    a.set(ylabel="gain (percentage points)", title="unseen tasks: gain along the sequence, the "
+          "last minus the first example, with its 95% interval (0: no in-context learning)")
+    outside(a)
+
+
 def draw_learning_curves(plt, d):
-    """Accuracy along the sequence per set, every learner beside the baselines (dashed)."""
-    sets = sorted({k for v in d["learners"].values() for k in v})
-    fig, ax = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.4), squeeze=False)
-    for a, s in zip(ax[0], sets):
-        for rid, curves in d["learners"].items():
+    """Accuracy along the sequence, a panel per set: every learner beside the baselines
+    (dashed), each drawn once; the key in a panel of its own."""
+    order = lambda s: (["unseen", "seen", "identity"].index(s.split()[0])
+                       if s.split()[0] in ("unseen", "seen", "identity") else 3, s)
+    sets = sorted({k for v in d["learners"].values() for k in v} | set(d["baselines"]), key=order)
+    cols = min(3, len(sets) + 1)
+    rows = -(-(len(sets) + 1) // cols)
+    fig, ax = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    base_style = {"1-NN": ("k", "--"), "logistic regression": ("0.45", "-."), "SGD": ("C3", "--")}
+    for a, s in zip(ax.flat, sets):
+        for i, (who, curves) in enumerate(d["learners"].items()):
             if s in curves:
-                a.plot(range(1, len(curves[s]) + 1), curves[s], label=rid)
-        for (b, c), color in zip(d["baselines"].get(s, {}).items(), ("0.3", "0.6", "0.8")):
-            a.plot(range(1, len(c) + 1), c, ls="--", color=color, lw=1, label=f"{b} (baseline)")
-        a.set(title=s, xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
-        a.axhline(CHANCE, color="k", lw=0.5, ls=":")
-    lines = {l.get_label(): l for a in ax[0] for l in a.get_lines()
+                a.plot(range(1, len(curves[s]) + 1), curves[s], color=f"C{i}", lw=1.6, label=who)
+        for b, c in d["baselines"].get(s, {}).items():
+            color, ls = base_style.get(b, ("0.3", ":"))
+            a.plot(range(1, len(c) + 1), c, color=color, ls=ls, lw=1.3, label=f"{b} (baseline)")
+        a.axhline(CHANCE, color="0.6", lw=0.8, label="chance")
+        a.set(title=set_name(s), xlabel="examples seen", ylim=(0, 1))
+    for a in ax[:, 0]:
+        a.set_ylabel("accuracy")
+    lines = {l.get_label(): l for a in ax.flat for l in a.get_lines()
              if not l.get_label().startswith("_")}               # every run and baseline, once
-    ax[0, 0].legend(lines.values(), lines.keys(), fontsize=7)
+    for a in ax.flat[len(sets):]:
+        a.axis("off")
+    ax.flat[-1].legend(lines.values(), lines.keys(), loc="center", title="learner (solid); "
+                       "baselines on the same\nsequences, no meta-training (dashed)")
     return fig
 
 
@@ -717,19 +906,25 @@ def window_data(records, base, others):
 def draw_window(plt, d):
     """Left: unseen accuracy at the last example against the state, the parameters fixed.
     Right: the training loss of each window."""
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
-    acc.errorbar([p["state_size"] for p in d], [p["unseen"] for p in d],
-                 yerr=[p["unseen_ci"] for p in d], marker="o", capsize=3)
-    for p in d:
-        acc.annotate(f"W = {p['window']}", (p["state_size"], p["unseen"]),
-                     xytext=(6, -12), textcoords="offset points")
-        loss.plot(*zip(*p["loss"]), label=f"W = {p['window']}")
-    acc.axhline(CHANCE, color="k", lw=0.5, ls=":")
-    acc.set(xscale="log", xlabel="state: KV cache (floats)", ylabel="unseen accuracy @ last",
-            title=f"{d[0]['parameters']:,} parameters in every run" if d else "")
-    loss.axhline(PLATEAU_LOSS, color="k", lw=0.5, ls=":")
-    loss.set(xlabel="step", ylabel="training loss", title="the loss, by window")
-    legend(loss, loc="upper right")
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(12, 4.8))
+    acc.errorbar([p["state_size"] for p in d], [p["unseen"] for p in d], color="C0",
+                 yerr=[p["unseen_ci"] for p in d], marker="o", ms=7, capsize=3)
+    for i, p in enumerate(d):
+        acc.annotate(f"W = {p['window']}", (p["state_size"], p["unseen"]), fontsize=9.5,
+                     xytext=(7, -7), textcoords="offset points", va="top")
+        loss.plot(*zip(*p["loss"]), lw=1.2, color=f"C{i + 1}", label=f"W = {p['window']}")
+    acc.axhline(CHANCE, color="0.5", lw=0.8)
+    acc.margins(x=0.2)
+    acc.set_xscale("log")
+    acc.minorticks_off()
+    acc.set_xticks([p["state_size"] for p in d], [f"{p['state_size']:,}" for p in d])
+    acc.set(xlabel="state: the KV cache (floats)",
+            ylabel="unseen-task accuracy at the last example",
+            title=f"attention to the last W tokens; {d[0]['parameters']:,} parameters in every run"
+            if d else "")
+    loss.axhline(PLATEAU_LOSS, color="k", lw=0.8, ls=":", label="ln 10 (chance)")
+    loss.set(xlabel="step", ylabel="training loss (nats)", title="training loss, by window W")
+    outside(loss)
     return fig
 
 
@@ -766,35 +961,36 @@ def run_figure_data(records):
 
 
 def plot_run(records, path, title=""):
-    import matplotlib  # optional: only figures need it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     d = run_figure_data(records)
+    return save(plt, lambda: draw_run(plt, d, title), path)
+
+
+def draw_run(plt, d, title):
     sets = list(d["curves"])
-    fig, ax = plt.subplots(1, len(sets) + 1, figsize=(3.8 * (len(sets) + 1), 3.4), squeeze=False)
+    fig, ax = plt.subplots(1, len(sets) + 1, figsize=(3.6 * (len(sets) + 1), 3.6), squeeze=False)
     for a, s in zip(ax[0], sets):
         for who, curve in d["curves"][s].items():
             color, ls = BASELINE_STYLE.get(who, ("C0", "-"))
-            a.plot(range(1, len(curve) + 1), curve, color=color, ls=ls, lw=2 if who == "learner" else 1,
+            a.plot(range(1, len(curve) + 1), curve, color=color, ls=ls,
+                   lw=2 if who == "learner" else 1.2,
                    label=f"learner (step {d['step']:,})" if who == "learner" else who)
         a.axhline(CHANCE, color="k", lw=0.5, ls=":")
-        a.set(title=s, xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
-    ax[0, 0].legend(fontsize=7, loc="upper left")
+        a.set(title=set_name(s), xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
+    ax[0, 0].legend(loc="upper left", fontsize=9)
     a = ax[0, -1]
     a.plot(*zip(*d["loss"]), color="0.4", lw=0.8, label="training loss")
     a.axhline(PLATEAU_LOSS, color="k", lw=0.5, ls=":")
     a.set(title="meta-training", xlabel="step", ylabel="loss (nats)", ylim=(0, 2.5))
     b = a.twinx()
-    b.plot(*zip(*d["by_step"]), "o-", color="C0", ms=3, label=f"{d['base']} acc@last")
+    b.plot(*zip(*d["by_step"]), "o-", color="C0", ms=3,
+           label=f"{set_name(d['base'])}, last example")
     b.set(ylim=(0, 1), ylabel="accuracy")
     lines = a.get_lines()[:1] + b.get_lines()
-    a.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="lower left")
+    a.legend(lines, [l.get_label() for l in lines], fontsize=9, loc="lower left")
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+        fig.suptitle(title)
+    return fig
 
 
 def run_parser():

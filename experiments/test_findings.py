@@ -5,6 +5,7 @@ plateau rule, the figures' numbers and the figures.
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -122,6 +123,7 @@ def test_lstm_levers_table_reads_each_run_against_the_base(scale):
     rows = findings.figure_data("lstm_levers", recs)
     assert [r["plateau"] for r in rows] == [None, 600]       # never leaves it; leaves at 600
     assert [r["last"] for r in rows] == [0.1, 0.3] and rows[1]["first"] == 0.1
+    assert rows[1]["gain"] == pytest.approx(0.2) and rows[1]["state_size"] == 100
     assert [(r["learner"], r["lever"]) for r in rows] == [("lstm", "base"), ("lstm", "lr=0.003")]
 
 
@@ -241,6 +243,7 @@ def test_plateau_figure_data_fits_the_power_law():
     d = findings.figure_data("plateaus", recs)
     assert d["batch_size"]["values"] == [32, 128, 512]
     assert d["batch_size"]["exponent"] == pytest.approx(-0.5, abs=0.01)
+    assert d["batch_size"]["intercept"] == pytest.approx(math.log(8000), abs=0.05)  # the line
     assert d["adam_eps_root"]["values"] == [0.0, 1e-8] and d["adam_eps_root"]["plateau"][0] is None
     assert d["bias"]["values"] == [0.25, 0.5] and d["bias"]["plateau"] == [200, 700]
     assert d["bias"]["onset"] == [1400, 2000]
@@ -267,15 +270,18 @@ def with_baselines(rec, nn=(0.1, 0.3)):
     return rec
 
 
-def test_learning_curve_figure_data_draws_each_baseline_once_per_set():
+def test_learning_curve_figure_data_draws_each_baseline_and_sgd_once_per_set():
     recs = [with_baselines(record(dict(model="transformer", width=64), 200)),
-            with_baselines(record(dict(model="lstm", width=128), 200), nn=(0.5, 0.5)),
+            with_baselines(record(dict(model="lstm", state_size=100), 200), nn=(0.5, 0.5)),
             record(dict(model="sgd"), 200)]                                 # a run without them
     d = findings.figure_data("learning_curves", recs)
-    assert list(d["learners"]) == ["transformer d64", "lstm d128", "sgd"]
-    assert d["learners"]["sgd"]["unseen random"] == [0.1, 0.5]
+    # the SGD run is SGD the baseline: drawn once, as the baseline; the LSTM says which it is
+    assert list(d["learners"]) == ["Transformer 64 wide, state 100",
+                                   "LSTM, state 100 (not the preset's 64-wide)"]
+    assert d["learners"]["LSTM, state 100 (not the preset's 64-wide)"]["unseen random"] == [0.1, 0.5]
     assert d["baselines"]["unseen mnist"] == {"1-NN": [0.1, 0.3], "SGD": [0.1, 0.2]}  # the first
-    assert findings.figure_data("learning_curves", recs[2:])["baselines"] == {}
+    alone = findings.figure_data("learning_curves", recs[2:])
+    assert alone["baselines"] == {} and list(alone["learners"]) == ["SGD (no meta-training)"]
 
 
 def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
@@ -286,13 +292,10 @@ def test_plotting_before_any_results_is_one_line(tmp_path, capsys):
     assert "run `python experiments/findings.py transitions`" in err[0]
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("error::UserWarning")  # e.g. a legend on a panel with nothing in it
-@pytest.mark.parametrize("name", list(findings.EXPERIMENTS))
-def test_figures_draw(name, tmp_path):
-    pytest.importorskip("matplotlib")
+def fake_records(name):
+    """A few records of experiment `name`, as its sweep writes them."""
     base = findings.PLATEAU_BASE
-    recs = {"plateaus": [record(dict(base, batch_size=b), 1000 // b * 20) for b in (16, 32)] +
+    return {"plateaus": [record(dict(base, batch_size=b), 1000 // b * 20) for b in (16, 32)] +
                         [record(dict(base, bias=0.0), None)],
             "transitions": [record(dict(model="mlp", width=w, num_tasks=n), 200)
                             for w in (8, 16) for n in (1, None)],
@@ -302,8 +305,62 @@ def test_figures_draw(name, tmp_path):
                             for lever, end in (({}, None), (dict(lr=3e-3), 400))],
             "window": [record(dict(model="transformer", width=8, window=w), 200)
                        for w in (1, 4)]}[name]
-    path = findings.plot(name, recs, str(tmp_path / f"{name}.png"))
+
+
+def png_size_and_dpi(path):
+    """A PNG's pixel size (its IHDR chunk) and the dpi its pHYs chunk records (None without)."""
+    png = open(path, "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    size = struct.unpack(">II", png[16:24])
+    at = png.find(b"pHYs")
+    if at < 0:
+        return size, None
+    x, y, unit = struct.unpack(">IIB", png[at + 4:at + 13])
+    return size, x * 0.0254 if unit == 1 else None     # unit 1: pixels per metre
+
+
+def assert_readable(path, min_dpi=150, max_inches=14):
+    """Saved at min_dpi or more, and at most max_inches wide at that dpi (the size it is meant to
+    be shown at, where its text is the size the style gives it)."""
+    (width, height), dpi = png_size_and_dpi(path)
+    assert dpi is not None and dpi >= min_dpi - 0.5, (path, dpi)
+    assert width / dpi <= max_inches, (path, width / dpi)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. a legend on a panel with nothing in it
+@pytest.mark.parametrize("name", list(findings.EXPERIMENTS))
+def test_figures_draw(name, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = findings.plot(name, fake_records(name), str(tmp_path / f"{name}.png"))
     assert os.path.getsize(path) > 1000
+    assert_readable(path)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.parametrize("name", list(findings.EXPERIMENTS))
+def test_figures_text_is_9_pt_or_more_and_no_legend_covers_a_panel(name):
+    pytest.importorskip("matplotlib")
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+    plt = findings.pyplot()
+    # the shipped records where there are some, else fake ones
+    recs = findings.read_records(os.path.join(ROOT, "results", f"{name}.jsonl")) or \
+        fake_records(name)
+    with plt.rc_context(findings.STYLE):
+        fig = findings.FIGURES[name][1](plt, findings.figure_data(name, recs))
+        fig.canvas.draw()
+        small = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() < 9]
+        assert not small, small
+        panels = [a.get_window_extent() for a in fig.get_axes() if a.axison]
+        for lg in fig.findobj(Legend):
+            box = lg.get_window_extent()
+            covered = [p for p in panels if min(box.x1, p.x1) - max(box.x0, p.x0) > 1 and
+                       min(box.y1, p.y1) - max(box.y0, p.y0) > 1]
+            assert not covered, (name, [t.get_text() for t in lg.get_texts()][:3])
+    plt.close(fig)
 
 
 @pytest.mark.slow
@@ -320,6 +377,7 @@ def test_every_figure_regenerates_from_its_results_file(name, tmp_path):
     assert p.returncode == 0, p.stderr
     png = open(tmp_path / f"{name}.png", "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert_readable(tmp_path / f"{name}.png")
 
 
 def test_run_figure_draws_a_tiny_log_with_its_baselines(tmp_path):
@@ -338,6 +396,7 @@ def test_run_figure_draws_a_tiny_log_with_its_baselines(tmp_path):
     findings.main(["run", str(tmp_path)])
     png = open(tmp_path / "curves.png", "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert_readable(tmp_path / "curves.png")
     with open(tmp_path / "log.jsonl", "w") as f:                          # no evaluation yet
         f.write(json.dumps(records[0]) + "\n")
     with pytest.raises(SystemExit) as e:
