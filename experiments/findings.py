@@ -429,6 +429,20 @@ def generalisation_onset(rec):
     return escape_step([s for s, _ in ev], [v for _, v in ev], -(CHANCE + 0.1))
 
 
+def loss_after_plateau(loss, steps=700, window=WINDOW):
+    """The step rule that late escape cannot decide: the training loss `steps` after the
+    plateau ends (the mean of the `window` records up to that step), None where the plateau does
+    not end, or ends too late for the run to reach that step. On fresh tasks every training
+    sequence is a task never seen, so this loss measures learning on unseen tasks, each learner
+    the same number of steps after it started to learn. -> (step, loss) or None"""
+    end = plateau_length(loss)
+    at = next((i for i, (s, _) in enumerate(loss) if end is not None and s >= end + steps), None)
+    if at is None:
+        return None
+    recent = [l for _, l in loss[max(0, at - window + 1):at + 1]]
+    return loss[at][0], sum(recent) / len(recent)
+
+
 def dataset_of(rec):
     f = rec["flags"]
     return f[f.index("--dataset") + 1] if "--dataset" in f else "mnist"

@@ -431,3 +431,13 @@ def test_window_sweep_moves_the_state_and_keeps_every_parameter():
     states = [m.state_size(100) for m in built]
     assert len(set(states)) == len(runs) and max(states) < 2 * 2 * 4 * 32 * 100
     assert len({models.num_params(m) for m in built}) == 1                # the same parameters
+
+
+def test_loss_after_plateau_reads_the_loss_a_fixed_number_of_steps_after_the_plateau_ends():
+    flat = [[s, 2.3] for s in range(20, 1001, 20)]                     # never leaves ln 10
+    assert findings.loss_after_plateau(flat) is None
+    falls = [[s, 2.3 if s < 400 else 1.0] for s in range(20, 2001, 20)]
+    end = findings.plateau_length(falls)
+    assert end == 400                                                  # the first step below
+    assert findings.loss_after_plateau(falls, steps=700) == (1100, 1.0)
+    assert findings.loss_after_plateau(falls, steps=1700) is None      # past the run's end
