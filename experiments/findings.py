@@ -982,7 +982,7 @@ def plot_run(records, path, title=""):
 
 def draw_run(plt, d, title):
     sets = list(d["curves"])
-    fig, ax = plt.subplots(1, len(sets) + 1, figsize=(3.6 * (len(sets) + 1), 3.6), squeeze=False)
+    fig, ax = plt.subplots(1, len(sets) + 1, figsize=(3.3 * (len(sets) + 1), 4.2), squeeze=False)
     for a, s in zip(ax[0], sets):
         for who, curve in d["curves"][s].items():
             color, ls = BASELINE_STYLE.get(who, ("C0", "-"))
@@ -991,26 +991,37 @@ def draw_run(plt, d, title):
                    label=f"learner (step {d['step']:,})" if who == "learner" else who)
         a.axhline(CHANCE, color="k", lw=0.5, ls=":")
         a.set(title=set_name(s), xlabel="examples seen", ylabel="accuracy", ylim=(0, 1))
-    ax[0, 0].legend(loc="upper left", fontsize=9)
     a = ax[0, -1]
     a.plot(*zip(*d["loss"]), color="0.4", lw=0.8, label="training loss")
     a.axhline(PLATEAU_LOSS, color="k", lw=0.5, ls=":")
     a.set(title="meta-training", xlabel="step", ylabel="loss (nats)", ylim=(0, 2.5))
     b = a.twinx()
     b.plot(*zip(*d["by_step"]), "o-", color="C0", ms=3,
-           label=f"{set_name(d['base'])}, last example")
+           label=f"{set_name(d['base'])}, last example (right axis)")
     b.set(ylim=(0, 1), ylabel="accuracy")
-    lines = a.get_lines()[:1] + b.get_lines()
-    a.legend(lines, [l.get_label() for l in lines], fontsize=9, loc="lower left")
+    handles, labels = ax[0, 0].get_legend_handles_labels()
+    for line in a.get_lines()[:1] + b.get_lines():
+        handles.append(line)
+        labels.append(line.get_label())
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=9)  # off the data
     if title:
         fig.suptitle(title)
     return fig
 
 
+def log_of(rec):
+    """A sweep's record -> the log.jsonl records of its run that plot_run reads: the loss, each
+    evaluation's summary, and the last in full (its curves and baselines)."""
+    evals = [dict(step=e["step"], eval=e["results"]) for e in rec["evals"]]
+    evals[-1]["eval"] = rec["final"]
+    return [dict(step=s, loss=l) for s, l in rec["loss"]] + evals
+
+
 def run_parser():
     p = train.Parser(prog="findings.py run", description="Draw one run's learning curves, the "
                      "learner beside the baselines on the same sequences, from its log.jsonl.")
-    p.add_argument("run_dir", help="a train.py --out-dir")
+    p.add_argument("run_dir", help="a train.py --out-dir, or with --record a results JSONL")
+    p.add_argument("--record", help="the id of a sweep's record in run_dir, a results JSONL")
     p.add_argument("--out", help="the PNG (default RUN_DIR/curves.png)")
     p.add_argument("--title", default="", help="a line above the panels")
     return p
@@ -1021,11 +1032,16 @@ def main_run(argv):
     a = p.parse_args(argv)
     out = os.path.join(a.run_dir, "curves.png") if a.out is None else a.out
     check_out_file(p, "--out", out, make_folder=True)
-    log = os.path.join(a.run_dir, "log.jsonl")
+    log = a.run_dir if a.record else os.path.join(a.run_dir, "log.jsonl")
     if not os.path.isfile(log):
         p.error(f"{a.run_dir!r}: no log.jsonl there; is it a train.py --out-dir?")
     try:
         records = read_records(log)
+        if a.record:  # a sweep's record holds what the run's log held: draw it the same way
+            found = [r for r in records if r.get("id") == a.record]
+            if not found:
+                p.error(f"{a.run_dir!r} holds no record {a.record!r}")
+            records = log_of(found[0])
         print(plot_run(records, out, a.title))
     except (OSError, ValueError, KeyError) as e:
         p.error(f"{a.run_dir!r}: {getattr(e, 'strerror', None) or e}")

@@ -441,3 +441,19 @@ def test_loss_after_plateau_reads_the_loss_a_fixed_number_of_steps_after_the_pla
     assert end == 400                                                  # the first step below
     assert findings.loss_after_plateau(falls, steps=700) == (1100, 1.0)
     assert findings.loss_after_plateau(falls, steps=1700) is None      # past the run's end
+
+
+@pytest.mark.slow
+def test_the_cpu_preset_run_figure_regenerates_from_its_record(tmp_path):
+    # results/cpu_preset_run.png is the learning_curves sweep's model=transformer record drawn
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run.png"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "findings.py"), "run",
+                        os.path.join(ROOT, "results", "learning_curves.jsonl"),
+                        "--record", "model=transformer", "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert_readable(str(out))
+    rec = findings.read_records(os.path.join(ROOT, "results", "learning_curves.jsonl"))[0]
+    d = findings.run_figure_data(findings.log_of(rec))
+    assert d["step"] == 3000 and d["by_step"][-1][1] == rec["final"]["unseen mnist"]["last"]
