@@ -37,7 +37,7 @@ import models
 #   sequences, optax's Adam with eps_root 1e-8, 50,000 steps, the Transformer 512 wide with 4
 #   layers of 8 heads of key size 32); 2^25 tasks (the top of the paper's sweep) and identity
 #   labels for half the task ids (the paper biases "a fraction"; 0.5 is ours).
-# cpu: ours, learns in context on 2 CPU cores in about 15 minutes (experiments/NOTEBOOK.md):
+# cpu: ours, learns in context on 2 CPU cores in 12-15 minutes (experiments/NOTEBOOK.md):
 #   7x7 MNIST, a fresh task for every sequence, batch 128, Adam at 2e-3 after 100 warm-up steps,
 #   constant through the loss plateau, then cooled down over the last quarter (wsd).
 PRESETS = {
