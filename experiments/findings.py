@@ -193,15 +193,16 @@ def learning_curves(scale):
     """Paper Figure 3 / Table 1: accuracy against the number of examples seen, meta-trained on
     MNIST, meta-tested on unseen MNIST tasks and on other datasets; the Transformer goes from
     0.1 at the first example to ~0.74 at the 100th on MNIST, close to SGD (0.70). cpu: the cpu
-    preset as it is (`python train.py --model M`): the Transformer, the LSTM of state 1,024 and
-    the outer-product LSTM (on its 13-minute budget), and plain SGD (no meta-training); about an
-    hour. gpu: MNIST 14x14, the paper preset's Transformer (d512 x 4), LSTM 1024, 50k steps (+ lookup curriculum 5k),
+    preset as it is (`python train.py --model M`): the Transformer, the preset's 64-wide LSTM, the
+    LSTM of state 1,024 and the outer-product LSTM (on the 13-minute budget), and plain SGD (no
+    meta-training); about an hour. gpu: MNIST 14x14, the paper preset's Transformer (d512 x 4), LSTM 1024, 50k steps (+ lookup curriculum 5k),
     SGD and MAML (~3 GPU h). The figure draws the baselines of the evaluation (scored on the
     same sequences, gpicl.evaluate) dashed beside the learners."""
     if scale == "cpu":
         extra = ["--device", "cpu", "--preset", "cpu", "--log-every", "50"]
         runs = [dict(model="transformer"), dict(model="lstm", state_size=1024),
-                dict(model="outer_lstm"), dict(model="sgd")]
+                dict(model="outer_lstm"), dict(model="sgd"),
+                dict(model="lstm")]  # the preset's own LSTM, 64 wide (state 128)
     else:
         extra = GPU + ["--num-tasks", "fresh", "--lookup-steps", "5000", "--lookup-seq-len", "20"]
         runs = [dict(model="transformer"), dict(model="lstm", width=1024), dict(model="sgd"),
