@@ -890,7 +890,8 @@ def draw_learning_curves(plt, d):
     for a, s in zip(ax.flat, sets):
         for i, (who, curves) in enumerate(d["learners"].items()):
             if s in curves:
-                a.plot(range(1, len(curves[s]) + 1), curves[s], color=f"C{i}", lw=1.6, label=who)
+                color = ("C0", "C1", "C2", "C4", "C5", "C6")[i % 6]  # C3 (red) is SGD's
+                a.plot(range(1, len(curves[s]) + 1), curves[s], color=color, lw=1.6, label=who)
         for b, c in d["baselines"].get(s, {}).items():
             color, ls = base_style.get(b, ("0.3", ":"))
             a.plot(range(1, len(c) + 1), c, color=color, ls=ls, lw=1.3, label=f"{b} (baseline)")
