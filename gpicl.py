@@ -88,16 +88,11 @@ def learner_predict(model, x, y, ctx=None):
 def summarize(correct, task_ids=None):
     """Correct predictions (N, T) bool -> the accuracy curve, the accuracy at the first and
     last position and the improvement within the sequence (last minus first), with 95%
-    confidence intervals over tasks (task_ids (N,)). Without task_ids, or when all sequences
-    are of one task (a single training task: no other task to generalise to), every sequence
-    counts as its own group."""
+    confidence intervals over tasks (task_ids (N,); see units)."""
     c = correct.float()                                              # (N, T)
     curve = c.mean(0)                                                # (T,)
-    each_sequence = torch.arange(len(c), device=c.device)            # (N,)
-    groups = each_sequence if task_ids is None else task_index(task_ids)   # (N,)
-    tasks = int(groups.max()) + 1
-    if tasks == 1:
-        groups = each_sequence
+    groups = units(task_ids, len(c), c.device)                       # (N,)
+    tasks = len(c) if task_ids is None else int(task_index(task_ids).max()) + 1
     last = group_means(c[:, -1], groups)                             # (groups,)
     gain = group_means(c[:, -1] - c[:, 0], groups)                   # (groups,)
     return {"curve": [round(v, 4) for v in curve.tolist()],
@@ -105,6 +100,15 @@ def summarize(correct, task_ids=None):
             "last": curve[-1].item(), "last_ci": ci95(last),
             "improvement": gain.mean().item(), "improvement_ci": ci95(gain),
             "n": len(c), "tasks": tasks}
+
+
+def units(task_ids, n, device):
+    """What an interval is taken over: each sequence's task, (N,) in 0 .. G - 1; each sequence
+    on its own without task_ids, or when all n are of one task (a single training task: no
+    other task to generalise to)."""
+    each_sequence = torch.arange(n, device=device)
+    groups = each_sequence if task_ids is None else task_index(task_ids)
+    return each_sequence if int(groups.max()) == 0 else groups
 
 
 def task_index(task_ids):
@@ -141,9 +145,7 @@ def paired(learner, baseline, task_ids):
     """The learner minus a baseline on the very same sequences, at every position: correct
     (N, T) bool each -> {"diff": mean differences (T,), "diff_ci": 95% t half-widths (T,)}, the
     per-task means being the units (a task's sequences share its projection and labels)."""
-    groups = task_index(task_ids)
-    if int(groups.max()) == 0:  # one task: each sequence its own group, as in summarize
-        groups = torch.arange(len(groups), device=groups.device)
+    groups = units(task_ids, len(learner), learner.device)              # as summarize's
     per_task = group_means(learner.float() - baseline.float(), groups)   # (G, T)
     round4 = lambda t: [round(v, 4) for v in t.tolist()]
     return {"diff": round4(per_task.mean(0)), "diff_ci": round4(ci95(per_task))}

@@ -444,8 +444,10 @@ def should_stop(args, started, ddp, at_record):
     """-> (the signal to stop on or 0, whether --time-budget is spent). Under torchrun the ranks
     agree at loss records only (any rank's signal, rank 0's clock): all stop at one step."""
     spent = args.time_budget is not None and time.time() - started >= args.time_budget
-    if not ddp or not at_record:
-        return (SIGNAL[0], spent) if not ddp else (0, False)
+    if not ddp:
+        return SIGNAL[0], spent
+    if not at_record:
+        return 0, False
     asked = torch.tensor([float(SIGNAL[0]), float(spent and dist.get_rank() == 0)])
     dist.all_reduce(asked, op=dist.ReduceOp.MAX)
     return int(asked[0]), bool(asked[1])

@@ -168,7 +168,7 @@ def convert(name, paths):
 def fetch_dataset(name, cache_dir=None, base_url=None):
     """Download (if needed), verify and convert a dataset; returns the path of its .npz."""
     cache_dir = cache_dir or data.default_cache_dir()
-    out = os.path.join(cache_dir, f"{name}.npz")
+    out = data.fetched_path(name, cache_dir)  # where data.load_raw reads it
     if os.path.exists(out):
         return out
     url, files = DOWNLOADS[name]
